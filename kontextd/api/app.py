@@ -1,0 +1,113 @@
+"""The ASGI application: routes, middleware, and the background work tied to its lifetime."""
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+
+from kontextd import __version__
+from kontextd.api.changes import ChangeFeed
+from kontextd.api.middleware import BodyLimit, TrailingSlash
+from kontextd.api.queue import build_queue_router
+from kontextd.api.services import Services
+from kontextd.fetch.images import load_image
+from kontextd.webhooks.delivery import WebhookDispatcher
+from kontextd.worker.housekeeping import sweep_forever
+from kontextd.worker.runner import Worker
+
+log = logging.getLogger("kontextd.app")
+
+IMAGE_LOAD_TIMEOUT = 120.0  # upper bound on the guard's own limits, so a worker can never hang on a fetch
+
+DESCRIPTION = """
+Self-hosted FLUX.1 Kontext speaking the fal.ai queue API.
+
+* **Queue** (this host's root): `POST /{app_id}` queues a request; follow it at
+  `/{owner}/{alias}/requests/{id}/status`, `/status/stream`, `/{id}` (result) and `/cancel`.
+* **Run** (`/run` prefix): `POST /run/{app_id}` waits and answers with the output itself.
+
+Authenticate with `Authorization: Key <key>` or `Bearer <key>` when the server has API keys.
+"""
+
+
+def create_app(services: Services) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        services.loop = loop
+        services.feed = ChangeFeed(loop)
+        stop_threads = threading.Event()
+        stop_tasks = asyncio.Event()
+
+        def fetch_image(url: str) -> Image.Image:
+            # Workers are threads; the guard's HTTP client lives on the event loop.
+            return asyncio.run_coroutine_threadsafe(load_image(url, services.fetcher), loop).result(IMAGE_LOAD_TIMEOUT)
+
+        threads = []
+        for index in range(services.settings.workers):
+            worker = Worker(
+                worker_id=f"{services.instance_id}-{index}",
+                store=services.store,
+                backend=services.backend,
+                storage=services.storage,
+                load_image=fetch_image,
+                notify=services.notify,
+            )
+            services.workers.append(worker)
+            thread = threading.Thread(target=worker.run_forever, args=(stop_threads,), name=f"worker-{index}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        dispatcher = WebhookDispatcher(
+            services.store, services.signer, services.fetcher, services.settings.webhook_backoff
+        )
+        tasks = [
+            asyncio.create_task(dispatcher.run(stop_tasks)),
+            asyncio.create_task(
+                sweep_forever(services.store, services.storage, services.settings.sweep_interval, stop_tasks)
+            ),
+        ]
+        log.info("ready", extra={"workers": len(threads), "backend": services.backend.name})
+        try:
+            yield
+        finally:
+            stop_threads.set()
+            services.wake_workers()
+            stop_tasks.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for thread in threads:
+                # A generation still running is abandoned: the store re-queues it at the next start.
+                await asyncio.to_thread(thread.join, 5.0)
+            await services.fetcher.aclose()
+
+    app = FastAPI(
+        title="kontextd",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    app.include_router(build_queue_router(services))
+
+    @app.get("/health", tags=["server"], summary="Liveness and readiness")
+    def health() -> dict[str, object]:
+        return {"status": "ok", "backend": services.backend.name, "workers": len(services.workers)}
+
+    @app.get("/.well-known/jwks.json", tags=["server"], summary="Public keys that sign webhooks")
+    def jwks() -> dict[str, object]:
+        return services.signer.jwks()
+
+    @app.get("/files/{key:path}", tags=["server"], summary="A stored output image", response_model=None)
+    def files(key: str) -> FileResponse | JSONResponse:
+        path = services.storage.path_of(key)
+        if path is None or not path.is_file():
+            return JSONResponse({"detail": "File not found"}, status_code=404)
+        return FileResponse(path, headers={"Cache-Control": "private, max-age=31536000, immutable"})
+
+    app.add_middleware(BodyLimit)
+    app.add_middleware(TrailingSlash)
+    return app

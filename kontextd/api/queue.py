@@ -1,0 +1,246 @@
+"""The fal queue API: submit, status, status stream, result and cancel — and the sync run route."""
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from kontextd.api.services import Services
+from kontextd.api.wire import queue_prefix, request_urls, status_body
+from kontextd.catalogue.endpoints import ENDPOINTS, Endpoint
+from kontextd.catalogue.schemas import KontextOutput, QueueEnvelope
+from kontextd.jobs.model import CancelResult, Job, NewJob, Priority, State
+
+RUN_PREFIX = "/run"  # the run host is this server under /run; the queue host is the server root
+POLL_FALLBACK_SECONDS = 1.0  # re-read state this often even without a wake-up (changes made elsewhere)
+
+LogsFlag = Annotated[
+    Literal["1", "0", "true", "false"] | None,
+    Query(description="Include the request's log lines: 1|0|true|false."),
+]
+
+
+def _invalid(location: str, name: str, message: str, value: Any) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": [location, name], "msg": message, "input": value}])
+
+
+def _lifecycle_ttl(header: str | None, default: float) -> float:
+    if header is None:
+        return default
+    name = "x-fal-object-lifecycle-preference"
+    try:
+        seconds = float(json.loads(header)["expiration_duration_seconds"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise _invalid("header", name, 'expected JSON like {"expiration_duration_seconds": 3600}', header) from error
+    if seconds <= 0:
+        raise _invalid("header", name, "expiration_duration_seconds must be positive", header)
+    return seconds
+
+
+def _webhook(url: str | None) -> str | None:
+    if url is not None and not url.startswith(("https://", "http://")):
+        raise _invalid("query", "fal_webhook", "must be an https:// or http:// URL", url)
+    return url
+
+
+def _outcome_response(job: Job) -> JSONResponse:
+    assert job.outcome is not None
+    headers = {"x-fal-request-id": job.request_id}
+    if job.outcome.error_type:
+        headers["X-Fal-Error-Type"] = job.outcome.error_type
+    return JSONResponse(job.outcome.body, status_code=job.outcome.status_code, headers=headers)
+
+
+def build_queue_router(services: Services) -> APIRouter:
+    router = APIRouter()
+    store = services.store
+    settings = services.settings
+    Owner = Annotated[str, Depends(services.authenticator.dependency())]
+
+    def base_url(request: Request) -> str:
+        return settings.public_url or str(request.base_url)
+
+    def new_job(
+        endpoint: Endpoint, body: BaseModel, owner: str, webhook: str | None, priority: str | None,
+        timeout: float | None, lifecycle: str | None, no_retry: str | None,
+    ) -> NewJob:
+        return NewJob(
+            request_id=str(uuid.uuid4()),
+            gateway_request_id=str(uuid.uuid4()),
+            app_id=endpoint.app_id,
+            owner=owner,
+            input=body.model_dump(mode="json"),
+            priority=Priority.LOW if priority == "low" else Priority.NORMAL,
+            start_deadline=time.time() + timeout if timeout else None,
+            webhook_url=_webhook(webhook),
+            output_ttl_seconds=_lifecycle_ttl(lifecycle, settings.output_ttl),
+            no_retry=no_retry is not None and no_retry.lower() not in ("0", "false"),
+        )
+
+    async def enqueue(job: NewJob) -> int:
+        position = await run_in_threadpool(store.submit, job)
+        services.wake_workers()
+        return position
+
+    async def wait_until_completed(request_id: str, owner: str) -> Job:
+        assert services.feed is not None
+        while True:
+            waiter = services.feed.watch(request_id)
+            job = store.get(request_id, owner)
+            if job is not None and job.state == State.COMPLETED:
+                waiter.cancel()
+                return job
+            await services.feed.wait(request_id, waiter, POLL_FALLBACK_SECONDS)
+
+    def add_submit(endpoint: Endpoint, run_mode: bool) -> None:
+        input_model: type[BaseModel] = endpoint.input_model
+
+        async def submit(
+            request: Request,
+            body: input_model,  # type: ignore[valid-type]
+            owner: Owner,
+            fal_webhook: Annotated[str | None, Query(description="URL to POST the result to when it ends.")] = None,
+            x_fal_queue_priority: Annotated[
+                Literal["normal", "low"] | None, Header(description="normal runs before low.")
+            ] = None,
+            x_fal_request_timeout: Annotated[
+                float | None, Header(gt=0, description="Seconds the request may wait to start.")
+            ] = None,
+            x_fal_object_lifecycle_preference: Annotated[
+                str | None, Header(description='How long outputs are kept: {"expiration_duration_seconds": N}.')
+            ] = None,
+            x_fal_no_retry: Annotated[
+                str | None, Header(description="Do not re-run the request if its worker stops.")
+            ] = None,
+        ) -> JSONResponse:
+            job = new_job(
+                endpoint, body, owner, fal_webhook, x_fal_queue_priority, x_fal_request_timeout,
+                x_fal_object_lifecycle_preference, x_fal_no_retry,
+            )
+            position = await enqueue(job)
+            if run_mode:
+                return _outcome_response(await wait_until_completed(job.request_id, owner))
+            envelope = {
+                "status": "IN_QUEUE",
+                "request_id": job.request_id,
+                "gateway_request_id": job.gateway_request_id,
+                **request_urls(base_url(request), job.app_id, job.request_id),
+                "queue_position": position,
+                "logs": None,
+                "metrics": {},
+            }
+            return JSONResponse(envelope, headers={"x-fal-request-id": job.request_id})
+
+        if run_mode:
+            router.add_api_route(
+                f"{RUN_PREFIX}/{endpoint.app_id}", submit, methods=["POST"], tags=["run (sync)"],
+                summary=f"{endpoint.title}: wait for the result", description=endpoint.description,
+                response_model=KontextOutput, operation_id=f"run_{endpoint.app_id}",
+            )
+        else:
+            router.add_api_route(
+                f"/{endpoint.app_id}", submit, methods=["POST"], tags=[endpoint.app_id], summary=endpoint.title,
+                description=endpoint.description + " Queues the request; follow it with the returned URLs.",
+                response_model=QueueEnvelope, operation_id=f"submit_{endpoint.app_id}",
+            )
+
+    for endpoint in ENDPOINTS:
+        add_submit(endpoint, run_mode=False)
+        add_submit(endpoint, run_mode=True)
+
+    def find(app_owner: str, app_alias: str, request_id: str, owner: str) -> Job | None:
+        job = store.get(request_id, owner)
+        if job is None or queue_prefix(job.app_id) != f"{app_owner}/{app_alias}":
+            return None  # someone else's request looks exactly like an unknown one
+        return job
+
+    def current_status(request: Request, job: Job, with_logs: bool) -> dict[str, Any]:
+        position = store.queue_position(job.request_id) if job.state == State.IN_QUEUE else None
+        logs = store.logs(job.request_id) if with_logs else None
+        return status_body(job, base_url(request), position, logs)
+
+    requests_path = "/{app_owner}/{app_alias}/requests/{request_id}"
+    not_found = {"detail": "Request not found"}
+
+    @router.get(requests_path + "/status", tags=["queue"], summary="Request status",
+                responses={202: {"description": "Queued or running"}, 200: {"description": "Completed"}})
+    def status(
+        request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
+    ) -> JSONResponse:
+        job = find(app_owner, app_alias, request_id, owner)
+        if job is None:
+            return JSONResponse(not_found, status_code=404)
+        body = current_status(request, job, logs in ("1", "true"))
+        code = 200 if job.state == State.COMPLETED else 202
+        return JSONResponse(body, status_code=code, headers={"x-fal-request-id": job.request_id})
+
+    @router.get(requests_path + "/status/stream", tags=["queue"], summary="Request status as server-sent events",
+                response_class=StreamingResponse, response_model=None)
+    async def stream(
+        request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
+    ) -> StreamingResponse | JSONResponse:
+        job = find(app_owner, app_alias, request_id, owner)
+        if job is None:
+            return JSONResponse(not_found, status_code=404)
+        with_logs = logs in ("1", "true")
+
+        async def events() -> AsyncIterator[str]:
+            assert services.feed is not None
+            last_sent: dict[str, Any] | None = None
+            last_write = time.monotonic()
+            while True:
+                waiter = services.feed.watch(request_id)
+                current = store.get(request_id)
+                if current is None:
+                    waiter.cancel()
+                    return
+                body = current_status(request, current, with_logs)
+                if body != last_sent:
+                    yield f"data: {json.dumps(body)}\n\n"
+                    last_sent, last_write = body, time.monotonic()
+                if current.state == State.COMPLETED:
+                    waiter.cancel()
+                    return
+                if time.monotonic() - last_write >= settings.sse_ping_interval:
+                    yield ": ping\n\n"
+                    last_write = time.monotonic()
+                wait = min(POLL_FALLBACK_SECONDS, settings.sse_ping_interval)
+                await services.feed.wait(request_id, waiter, wait)
+
+        headers = {"x-fal-request-id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @router.get(requests_path, tags=["queue"], summary="Request result",
+                responses={200: {"model": KontextOutput, "description": "The model output"}})
+    def result(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
+        job = find(app_owner, app_alias, request_id, owner)
+        if job is None:
+            return JSONResponse(not_found, status_code=404)
+        if job.state != State.COMPLETED:
+            return JSONResponse({"detail": "Request is still in progress"}, status_code=400,
+                                headers={"x-fal-request-id": request_id})
+        if job.output_expired:
+            return JSONResponse({"detail": "The request's outputs have expired"}, status_code=410,
+                                headers={"x-fal-request-id": request_id})
+        return _outcome_response(job)
+
+    @router.put(requests_path + "/cancel", tags=["queue"], summary="Cancel a request", status_code=202)
+    async def cancel(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
+        if find(app_owner, app_alias, request_id, owner) is None:
+            return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+        outcome = await run_in_threadpool(store.cancel, request_id, owner, time.time())
+        services.notify(request_id)
+        if outcome is CancelResult.NOT_FOUND:
+            return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+        if outcome is CancelResult.ALREADY_COMPLETED:
+            return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+        return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
+
+    return router

@@ -1,0 +1,109 @@
+"""`kontextd` command line: `kontextd serve` with flags, each also settable as a KONTEXTD_* variable."""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kontextd.config import SEVEN_DAYS, WEBHOOK_BACKOFF, Settings
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"KONTEXTD_{name}", default)
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kontextd",
+        description="Self-hosted FLUX.1 Kontext server speaking the fal.ai queue API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP server and its worker",
+        description="Run the API server with an in-process worker. Every flag has a KONTEXTD_* variable "
+        "(shown in brackets); flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = serve.add_argument
+    add("--host", default=_env("HOST", "127.0.0.1"), help="address to bind [KONTEXTD_HOST]")
+    add("--port", type=int, default=int(_env("PORT", "8000")), help="port to bind [KONTEXTD_PORT]")
+    add("--data-dir", type=Path, default=Path(_env("DATA_DIR", "kontextd-data")),
+        help="SQLite database, stored images, webhook key and TLS files [KONTEXTD_DATA_DIR]")
+    add("--public-url", default=_env("PUBLIC_URL"),
+        help="base of the URLs handed to clients, e.g. https://kontext.example.com "
+        "(default: the bound address) [KONTEXTD_PUBLIC_URL]")
+    add("--backend", default=_env("BACKEND", "tiny"), choices=["tiny"],
+        help="model backend: tiny = the real FluxKontextPipeline with tiny random weights (CPU, offline) "
+        "[KONTEXTD_BACKEND]")
+    add("--api-key", action="append", dest="api_keys", metavar="KEY",
+        help="accept this key as 'Authorization: Key KEY' or 'Bearer KEY'; repeatable "
+        "[KONTEXTD_API_KEYS, comma-separated]")
+    add("--insecure", action="store_true", default=_env_flag("INSECURE"),
+        help="allow binding a non-loopback address with no API key [KONTEXTD_INSECURE]")
+    add("--tls-self-signed", action="store_true", default=_env_flag("TLS_SELF_SIGNED"),
+        help="serve HTTPS with a local CA and certificate created in the data dir, and print the "
+        "environment lines that point fal-client here [KONTEXTD_TLS_SELF_SIGNED]")
+    add("--tls-cert", type=Path, default=_env("TLS_CERT"), help="serve HTTPS with this certificate chain [KONTEXTD_TLS_CERT]")
+    add("--tls-key", type=Path, default=_env("TLS_KEY"), help="private key for --tls-cert [KONTEXTD_TLS_KEY]")
+    add("--workers", type=int, default=int(_env("WORKERS", "1")),
+        help="in-process workers; 0 serves the API only and leaves the queue to others [KONTEXTD_WORKERS]")
+    add("--fetch-allow", default=_env("FETCH_ALLOW", ""),
+        help="hosts or CIDRs that image and webhook URLs may reach although they are private or loopback, "
+        "comma-separated [KONTEXTD_FETCH_ALLOW]")
+    add("--output-ttl", type=float, default=float(_env("OUTPUT_TTL", str(SEVEN_DAYS))),
+        help="seconds finished outputs are kept unless X-Fal-Object-Lifecycle-Preference says otherwise "
+        "[KONTEXTD_OUTPUT_TTL]")
+    add("--sweep-interval", type=float, default=float(_env("SWEEP_INTERVAL", "30")),
+        help="seconds between sweeps for expired outputs and missed start deadlines [KONTEXTD_SWEEP_INTERVAL]")
+    add("--webhook-backoff", default=_env("WEBHOOK_BACKOFF", ",".join(f"{d:g}" for d in WEBHOOK_BACKOFF)),
+        help="seconds between webhook tries, comma-separated; tries = gaps + 1 [KONTEXTD_WEBHOOK_BACKOFF]")
+    add("--sse-ping-interval", type=float, default=float(_env("SSE_PING_INTERVAL", "10")),
+        help="seconds between ': ping' keep-alives on status streams [KONTEXTD_SSE_PING_INTERVAL]")
+    add("--tiny-step-seconds", type=float, default=float(_env("TINY_STEP_SECONDS", "0")),
+        help="pace the tiny model to at least this many seconds per step, like a GPU would "
+        "(demos and tests of progress and cancel) [KONTEXTD_TINY_STEP_SECONDS]")
+    add("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],
+        help="[KONTEXTD_LOG_LEVEL]")
+    return parser
+
+
+def settings_from_args(argv: Sequence[str]) -> Settings:
+    args = _parser().parse_args(argv)
+    keys = args.api_keys or [key for key in (_env("API_KEYS") or "").split(",")]
+    return Settings(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        public_url=args.public_url,
+        backend=args.backend,
+        api_keys=tuple(key.strip() for key in keys if key.strip()),
+        insecure=args.insecure,
+        tls_self_signed=args.tls_self_signed,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        workers=args.workers,
+        fetch_allow=args.fetch_allow,
+        output_ttl=args.output_ttl,
+        sweep_interval=args.sweep_interval,
+        webhook_backoff=tuple(float(part) for part in args.webhook_backoff.split(",") if part.strip()),
+        sse_ping_interval=args.sse_ping_interval,
+        tiny_step_seconds=args.tiny_step_seconds,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings.check()
+    except ValueError as error:
+        sys.exit(f"kontextd: {error}")
+    from kontextd.server import serve  # heavy imports (torch) only once the flags are known good
+
+    serve(settings)

@@ -1,0 +1,77 @@
+"""Server settings: one dataclass, filled from `kontextd serve` flags and KONTEXTD_* environment variables."""
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEVEN_DAYS = 7 * 24 * 3600.0
+# Ten tries over about two hours, as fal retries webhooks: the gaps between tries, in seconds.
+WEBHOOK_BACKOFF = (15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3300.0)
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("kontextd-data")
+    public_url: str | None = None
+    backend: str = "tiny"
+    api_keys: tuple[str, ...] = ()
+    insecure: bool = False
+    tls_self_signed: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    workers: int = 1
+    fetch_allow: str = ""
+    fetch_max_bytes: int = 20 * 1024 * 1024
+    fetch_timeout: float = 20.0
+    output_ttl: float = SEVEN_DAYS
+    sweep_interval: float = 30.0
+    webhook_backoff: tuple[float, ...] = WEBHOOK_BACKOFF
+    sse_ping_interval: float = 10.0
+    tiny_step_seconds: float = 0.0
+    log_level: str = "info"
+    extra_tls_hosts: list[str] = field(default_factory=list)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_self_signed or self.tls_cert is not None
+
+    @property
+    def base_url(self) -> str:
+        """Where clients reach us: --public-url, else the bound address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        scheme = "https" if self.uses_tls else "http"
+        host = self.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port}"
+
+    def binds_only_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check(self) -> None:
+        """Refuse configurations that would be unsafe or cannot work, saying which setting and why."""
+        if not self.api_keys and not self.binds_only_loopback() and not self.insecure:
+            raise ValueError(
+                f"--host {self.host}: refusing to serve beyond loopback with no API key configured. "
+                "Set --api-key (or KONTEXTD_API_KEYS), or pass --insecure to serve without authentication."
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if self.tls_self_signed and self.tls_cert is not None:
+            raise ValueError("--tls-self-signed and --tls-cert are exclusive")
+        if self.backend != "tiny":
+            raise ValueError(f"--backend {self.backend}: unknown backend (available: tiny)")
+        if self.workers < 0:
+            raise ValueError("--workers must be 0 or more")
+        if len(self.webhook_backoff) < 1:
+            raise ValueError("KONTEXTD_WEBHOOK_BACKOFF needs at least one delay")

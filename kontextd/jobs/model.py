@@ -1,0 +1,92 @@
+"""What the job store keeps: jobs, their outcomes, log lines and webhook deliveries."""
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class State(enum.StrEnum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first. A request re-queued after its worker died goes ahead of everything."""
+
+    RETRY = 0
+    NORMAL = 1
+    LOW = 2
+
+
+class CancelResult(enum.Enum):
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_COMPLETED = "ALREADY_COMPLETED"
+    CANCELLED = "CANCELLED"  # was queued: completed as client_cancelled now
+    REQUESTED = "REQUESTED"  # is running: the worker stops it between steps
+
+
+@dataclass(frozen=True)
+class NewJob:
+    request_id: str
+    gateway_request_id: str
+    app_id: str
+    owner: str
+    input: dict[str, Any]
+    priority: Priority = Priority.NORMAL
+    start_deadline: float | None = None  # unix time by which the request must have started
+    webhook_url: str | None = None
+    output_ttl_seconds: float | None = None
+    no_retry: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended: the HTTP status and body its result URL serves, and what status reports."""
+
+    status_code: int
+    body: dict[str, Any]
+    error: str | None = None
+    error_type: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    output_keys: tuple[str, ...] = ()  # stored files that expire with the request
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class Job:
+    request_id: str
+    gateway_request_id: str
+    app_id: str
+    owner: str
+    input: dict[str, Any]
+    state: State
+    priority: Priority
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    cancel_requested: bool
+    attempts: int
+    webhook_url: str | None
+    outcome: Outcome | None
+    output_expired: bool
+
+
+@dataclass(frozen=True)
+class LogLine:
+    message: str
+    level: str
+    timestamp: float
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    delivery_id: int
+    request_id: str
+    url: str
+    user_id: str
+    body: bytes
+    attempts: int

@@ -1,0 +1,453 @@
+"""The embedded job store: one SQLite file in WAL mode, owned by one server process.
+
+Queue positions are exact without counting the queue: each priority level hands out dense tickets, and a
+job's position is its distance from the head of its level, minus the jobs that left out of order
+("holes"), plus the length of the levels ahead of it. Every lookup is an index seek.
+"""
+
+import contextlib
+import fcntl
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kontextd.jobs import outcomes
+from kontextd.jobs.model import (
+    CancelResult,
+    Job,
+    LogLine,
+    NewJob,
+    Outcome,
+    Priority,
+    State,
+    WebhookDelivery,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    request_id TEXT PRIMARY KEY,
+    gateway_request_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    input_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    ticket INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    start_deadline REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    no_retry INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    lease_expires_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    webhook_url TEXT,
+    output_ttl REAL,
+    outcome_json TEXT,
+    expires_at REAL,
+    output_expired INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(priority, ticket) WHERE state = 'IN_QUEUE';
+CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs(start_deadline)
+    WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs(lease_expires_at) WHERE state = 'IN_PROGRESS';
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs(expires_at) WHERE output_expired = 0 AND expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS queue_tickets (priority INTEGER PRIMARY KEY, next_ticket INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS queue_holes (
+    priority INTEGER NOT NULL, ticket INTEGER NOT NULL, PRIMARY KEY (priority, ticket)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_logs (
+    request_id TEXT NOT NULL, seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_logs_request ON job_logs(request_id, seq);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    delivery_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL, url TEXT NOT NULL, user_id TEXT NOT NULL, body BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, state TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries(next_attempt_at) WHERE state = 'pending';
+"""
+
+MAX_ATTEMPTS = 3  # a request whose worker died this often is failed, not retried forever
+
+
+class DataDirInUse(RuntimeError):
+    pass
+
+
+class SQLiteJobStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The embedded store assumes it is the only process using this file: hold a lock for our lifetime.
+        self._lock_file = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise DataDirInUse(f"{path} is in use by another kontextd process") from None
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._connection().executescript(SCHEMA)
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            # FULL: a request we answered 200 to survives a power cut, not only a crash.
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA busy_timeout=10000")
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+        self._lock_file.close()
+
+    # -- queue arithmetic ------------------------------------------------------------------------
+
+    @staticmethod
+    def _head(connection: sqlite3.Connection, priority: int) -> int | None:
+        row = connection.execute(
+            "SELECT min(ticket) FROM jobs WHERE state = 'IN_QUEUE' AND priority = ?", (priority,)
+        ).fetchone()
+        return row[0]
+
+    @staticmethod
+    def _holes_between(connection: sqlite3.Connection, priority: int, low: int, high: int) -> int:
+        return connection.execute(
+            "SELECT count(*) FROM queue_holes WHERE priority = ? AND ticket > ? AND ticket < ?",
+            (priority, low, high),
+        ).fetchone()[0]
+
+    def _queued_before(self, connection: sqlite3.Connection, priority: int, ticket: int) -> int:
+        head = self._head(connection, priority)
+        if head is None or head >= ticket:
+            return 0
+        return (ticket - head) - self._holes_between(connection, priority, head, ticket)
+
+    def _position(self, connection: sqlite3.Connection, priority: int, ticket: int) -> int:
+        ahead = self._queued_before(connection, priority, ticket)
+        for level in range(Priority.RETRY, priority):
+            row = connection.execute(
+                "SELECT next_ticket FROM queue_tickets WHERE priority = ?", (level,)
+            ).fetchone()
+            if row is not None:
+                ahead += self._queued_before(connection, level, row[0])
+        return ahead
+
+    @staticmethod
+    def _enqueue(connection: sqlite3.Connection, request_id: str, priority: int) -> int:
+        ticket = connection.execute(
+            "INSERT INTO queue_tickets (priority, next_ticket) VALUES (?, 1) "
+            "ON CONFLICT (priority) DO UPDATE SET next_ticket = next_ticket + 1 RETURNING next_ticket - 1",
+            (priority,),
+        ).fetchone()[0]
+        ticket = ticket if ticket else 0
+        connection.execute(
+            "UPDATE jobs SET state = 'IN_QUEUE', priority = ?, ticket = ? WHERE request_id = ?",
+            (priority, ticket, request_id),
+        )
+        return ticket
+
+    @staticmethod
+    def _leave_queue(connection: sqlite3.Connection, priority: int, ticket: int) -> None:
+        connection.execute("INSERT OR IGNORE INTO queue_holes (priority, ticket) VALUES (?, ?)", (priority, ticket))
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def submit(self, job: NewJob) -> int:
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, input_json, state, priority,"
+                " ticket, created_at, start_deadline, no_retry, webhook_url, output_ttl)"
+                " VALUES (?, ?, ?, ?, ?, 'IN_QUEUE', ?, 0, strftime('%s','now') + 0.0, ?, ?, ?, ?)",
+                (
+                    job.request_id,
+                    job.gateway_request_id,
+                    job.app_id,
+                    job.owner,
+                    json.dumps(job.input),
+                    int(job.priority),
+                    job.start_deadline,
+                    int(job.no_retry),
+                    job.webhook_url,
+                    job.output_ttl_seconds,
+                ),
+            )
+            ticket = self._enqueue(connection, job.request_id, int(job.priority))
+            return self._position(connection, int(job.priority), ticket)
+
+    def get(self, request_id: str, owner: str | None = None) -> Job | None:
+        row = self._connection().execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None or (owner is not None and row["owner"] != owner):
+            return None
+        return _job(row)
+
+    def queue_position(self, request_id: str) -> int | None:
+        connection = self._connection()
+        row = connection.execute(
+            "SELECT priority, ticket, state FROM jobs WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        if row is None or row["state"] != State.IN_QUEUE:
+            return None
+        return self._position(connection, row["priority"], row["ticket"])
+
+    def claim(self, worker_id: str, lease_seconds: float, now: float) -> Job | None:
+        with self._write() as connection:
+            while True:
+                row = connection.execute(
+                    "SELECT * FROM jobs WHERE state = 'IN_QUEUE' ORDER BY priority, ticket LIMIT 1"
+                ).fetchone()
+                if row is None:
+                    return None
+                self._leave_queue(connection, row["priority"], row["ticket"])
+                if row["start_deadline"] is not None and row["start_deadline"] < now:
+                    self._finish(connection, row, outcomes.timed_out(), now)
+                    continue
+                connection.execute(
+                    "UPDATE jobs SET state = 'IN_PROGRESS', worker_id = ?, lease_expires_at = ?,"
+                    " started_at = ?, attempts = attempts + 1 WHERE request_id = ?",
+                    (worker_id, now + lease_seconds, now, row["request_id"]),
+                )
+                return self.get(row["request_id"])
+
+    def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE request_id = ? AND worker_id = ?"
+                " AND state = 'IN_PROGRESS'",
+                (now + lease_seconds, request_id, worker_id),
+            )
+            return cursor.rowcount == 1
+
+    def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
+        with self._write() as connection:
+            row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            if row is None or row["state"] == State.COMPLETED:
+                return False
+            if worker_id is not None and (row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id):
+                return False
+            if row["state"] == State.IN_QUEUE:
+                self._leave_queue(connection, row["priority"], row["ticket"])
+            self._finish(connection, row, outcome, now)
+            return True
+
+    def _finish(self, connection: sqlite3.Connection, row: sqlite3.Row, outcome: Outcome, now: float) -> None:
+        expires_at = now + row["output_ttl"] if row["output_ttl"] is not None else None
+        connection.execute(
+            "UPDATE jobs SET state = 'COMPLETED', completed_at = ?, outcome_json = ?, expires_at = ?,"
+            " worker_id = NULL, lease_expires_at = NULL WHERE request_id = ?",
+            (now, json.dumps(_outcome_fields(outcome)), expires_at, row["request_id"]),
+        )
+        if row["webhook_url"]:
+            connection.execute(
+                "INSERT INTO webhook_deliveries (request_id, url, user_id, body, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    row["request_id"],
+                    row["webhook_url"],
+                    row["owner"],
+                    outcomes.webhook_body(row["request_id"], row["gateway_request_id"], outcome),
+                    now,
+                ),
+            )
+
+    def cancel(self, request_id: str, owner: str, now: float) -> CancelResult:
+        with self._write() as connection:
+            row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            if row is None or row["owner"] != owner:
+                return CancelResult.NOT_FOUND
+            if row["state"] == State.COMPLETED:
+                return CancelResult.ALREADY_COMPLETED
+            if row["state"] == State.IN_QUEUE:
+                self._leave_queue(connection, row["priority"], row["ticket"])
+                self._finish(connection, row, outcomes.cancelled(), now)
+                return CancelResult.CANCELLED
+            connection.execute("UPDATE jobs SET cancel_requested = 1 WHERE request_id = ?", (request_id,))
+            return CancelResult.REQUESTED
+
+    def cancel_requested(self, request_id: str) -> bool:
+        row = self._connection().execute(
+            "SELECT cancel_requested FROM jobs WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return bool(row and row[0])
+
+    # -- logs ------------------------------------------------------------------------------------
+
+    def append_log(self, request_id: str, message: str, level: str, now: float) -> None:
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO job_logs (request_id, timestamp, level, message) VALUES (?, ?, ?, ?)",
+                (request_id, now, level, message),
+            )
+
+    def logs(self, request_id: str) -> list[LogLine]:
+        rows = self._connection().execute(
+            "SELECT message, level, timestamp FROM job_logs WHERE request_id = ? ORDER BY seq", (request_id,)
+        )
+        return [LogLine(row["message"], row["level"], row["timestamp"]) for row in rows]
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def expire_unstarted(self, now: float) -> int:
+        with self._write() as connection:
+            rows = connection.execute(
+                "SELECT * FROM jobs WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL AND start_deadline < ?",
+                (now,),
+            ).fetchall()
+            for row in rows:
+                self._leave_queue(connection, row["priority"], row["ticket"])
+                self._finish(connection, row, outcomes.timed_out(), now)
+            self._prune_holes(connection)
+            return len(rows)
+
+    def _prune_holes(self, connection: sqlite3.Connection) -> None:
+        for (priority,) in connection.execute("SELECT priority FROM queue_tickets").fetchall():
+            head = self._head(connection, priority)
+            if head is None:
+                connection.execute("DELETE FROM queue_holes WHERE priority = ?", (priority,))
+            else:
+                connection.execute("DELETE FROM queue_holes WHERE priority = ? AND ticket < ?", (priority, head))
+
+    def recover_abandoned(self, now: float) -> int:
+        with self._write() as connection:
+            rows = connection.execute(
+                "SELECT * FROM jobs WHERE state = 'IN_PROGRESS' AND lease_expires_at < ?", (now,)
+            ).fetchall()
+            for row in rows:
+                self._requeue_or_fail(connection, row, now)
+            return len(rows)
+
+    def recover_after_restart(self, now: float) -> int:
+        """Every running job belongs to a dead process: this store is single-process (see the lock)."""
+        with self._write() as connection:
+            rows = connection.execute("SELECT * FROM jobs WHERE state = 'IN_PROGRESS'").fetchall()
+            for row in rows:
+                self._requeue_or_fail(connection, row, now)
+            return len(rows)
+
+    def _requeue_or_fail(self, connection: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
+        if row["cancel_requested"]:
+            self._finish(connection, row, outcomes.cancelled(), now)
+        elif row["no_retry"]:
+            self._finish(connection, row, outcomes.internal_error("The worker stopped; not retried (x-fal-no-retry)"), now)
+        elif row["attempts"] >= MAX_ATTEMPTS:
+            self._finish(connection, row, outcomes.internal_error(f"The worker stopped {MAX_ATTEMPTS} times"), now)
+        else:
+            connection.execute(
+                "UPDATE jobs SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL WHERE request_id = ?",
+                (row["request_id"],),
+            )
+            self._enqueue(connection, row["request_id"], Priority.RETRY)
+            connection.execute(
+                "INSERT INTO job_logs (request_id, timestamp, level, message) VALUES (?, ?, 'WARN', ?)",
+                (row["request_id"], now, "The worker running this request stopped; it was queued again"),
+            )
+
+    def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
+        rows = self._connection().execute(
+            "SELECT request_id, outcome_json FROM jobs WHERE output_expired = 0 AND expires_at IS NOT NULL"
+            " AND expires_at < ? LIMIT ?",
+            (now, limit),
+        )
+        return [(row[0], json.loads(row[1])["output_keys"]) for row in rows]
+
+    def mark_output_expired(self, request_id: str) -> None:
+        with self._write() as connection:
+            connection.execute(
+                "UPDATE jobs SET output_expired = 1, outcome_json = json_set(outcome_json, '$.body', json('{}'))"
+                " WHERE request_id = ?",
+                (request_id,),
+            )
+
+    # -- webhooks --------------------------------------------------------------------------------
+
+    def due_webhooks(self, now: float, limit: int) -> list[WebhookDelivery]:
+        rows = self._connection().execute(
+            "SELECT * FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
+            " ORDER BY next_attempt_at LIMIT ?",
+            (now, limit),
+        )
+        return [
+            WebhookDelivery(row["delivery_id"], row["request_id"], row["url"], row["user_id"], row["body"], row["attempts"])
+            for row in rows
+        ]
+
+    def webhook_attempted(self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str) -> None:
+        state = "delivered" if delivered else ("pending" if next_attempt_at is not None else "failed")
+        with self._write() as connection:
+            connection.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
+                " last_error = ? WHERE delivery_id = ?",
+                (state, next_attempt_at, error or None, delivery_id),
+            )
+
+
+def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "status_code": outcome.status_code,
+        "body": outcome.body,
+        "error": outcome.error,
+        "error_type": outcome.error_type,
+        "metrics": outcome.metrics,
+        "output_keys": list(outcome.output_keys),
+    }
+
+
+def _job(row: sqlite3.Row) -> Job:
+    outcome = None
+    if row["outcome_json"] is not None:
+        fields = json.loads(row["outcome_json"])
+        outcome = Outcome(
+            status_code=fields["status_code"],
+            body=fields["body"],
+            error=fields["error"],
+            error_type=fields["error_type"],
+            metrics=fields["metrics"],
+            output_keys=tuple(fields["output_keys"]),
+        )
+    return Job(
+        request_id=row["request_id"],
+        gateway_request_id=row["gateway_request_id"],
+        app_id=row["app_id"],
+        owner=row["owner"],
+        input=json.loads(row["input_json"]),
+        state=State(row["state"]),
+        priority=Priority(row["priority"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        cancel_requested=bool(row["cancel_requested"]),
+        attempts=row["attempts"],
+        webhook_url=row["webhook_url"],
+        outcome=outcome,
+        output_expired=bool(row["output_expired"]),
+    )

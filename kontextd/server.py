@@ -1,0 +1,98 @@
+"""`kontextd serve`: build the embedded services and run them under uvicorn."""
+
+import logging
+import os
+import sys
+import time
+import uuid
+from urllib.parse import urlsplit
+
+import uvicorn
+
+from kontextd import logs
+from kontextd.api.app import create_app
+from kontextd.api.auth import Authenticator
+from kontextd.api.queue import RUN_PREFIX
+from kontextd.api.services import Services
+from kontextd.backends import load_backend
+from kontextd.config import Settings
+from kontextd.fetch.addresses import AllowList
+from kontextd.fetch.guard import FetchLimits, GuardedFetcher
+from kontextd.jobs.sqlite import DataDirInUse, SQLiteJobStore
+from kontextd.storage.local import LocalStorage
+from kontextd.tls import ensure_self_signed
+from kontextd.webhooks.signing import WebhookSigner
+
+log = logging.getLogger("kontextd.server")
+
+
+def client_environment(settings: Settings, ca_file: str | None) -> list[str]:
+    """The lines a user exports so the unmodified fal-client talks to this server."""
+    authority = urlsplit(settings.base_url).netloc
+    lines = []
+    if ca_file is not None:
+        lines.append(f"export SSL_CERT_FILE={ca_file}")
+    lines += [
+        f"export FAL_RUN_HOST={authority}{RUN_PREFIX}",
+        f"export FAL_QUEUE_RUN_HOST={authority}",
+        "export FAL_KEY=<one of your --api-key values>" if settings.api_keys else "export FAL_KEY=local",
+    ]
+    return lines
+
+
+def serve(settings: Settings) -> None:
+    logs.configure(settings.log_level)
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    ssl_files: dict[str, str] = {}
+    ca_file = None
+    if settings.tls_self_signed:
+        hosts = ["localhost", "127.0.0.1", "::1", settings.host, urlsplit(settings.base_url).hostname or ""]
+        tls = ensure_self_signed(data_dir / "tls", [host for host in dict.fromkeys(hosts) if host not in ("", "0.0.0.0", "::")])
+        ssl_files = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+        ca_file = str(tls.ca_cert)
+    elif settings.tls_cert is not None and settings.tls_key is not None:
+        ssl_files = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+
+    try:
+        store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+    except DataDirInUse as error:
+        sys.exit(f"kontextd: {error}")
+    requeued = store.recover_after_restart(time.time())
+    if requeued:
+        log.warning("re-queued requests interrupted by the last shutdown", extra={"count": requeued})
+
+    started = time.perf_counter()
+    backend = load_backend(settings.backend, tiny_step_seconds=settings.tiny_step_seconds)
+    log.info("backend loaded", extra={"backend": backend.name, "seconds": round(time.perf_counter() - started, 2)})
+
+    services = Services(
+        settings=settings,
+        store=store,
+        storage=LocalStorage(data_dir / "files", settings.base_url),
+        authenticator=Authenticator(settings.api_keys),
+        signer=WebhookSigner.load_or_create(data_dir / "webhook-ed25519.pem"),
+        fetcher=GuardedFetcher(
+            AllowList.parse(settings.fetch_allow),
+            FetchLimits(max_bytes=settings.fetch_max_bytes, timeout_seconds=settings.fetch_timeout),
+        ),
+        backend=backend,
+        instance_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+    )
+    if not settings.api_keys:
+        log.warning("no API key configured: every client on the bound address can use this server")
+    print("kontextd: point fal-client at this server with:", *client_environment(settings, ca_file), sep="\n  ",
+          flush=True)
+    print(f"kontextd: serving on {settings.base_url} (API docs at {settings.base_url}/docs)", flush=True)
+    try:
+        uvicorn.run(
+            create_app(services),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            timeout_graceful_shutdown=5,
+            **ssl_files,
+        )
+    finally:
+        store.close()

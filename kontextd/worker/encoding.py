@@ -1,0 +1,21 @@
+"""Turning generated PIL images into the bytes and content types a client receives."""
+
+import base64
+import io
+
+from PIL import Image
+
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+def encode_image(image: Image.Image, output_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if output_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes, output_format: str) -> str:
+    return f"data:{CONTENT_TYPES[output_format]};base64,{base64.b64encode(data).decode()}"
