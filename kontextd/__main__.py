@@ -1,0 +1,3 @@
+from kontextd.cli import main
+
+main()
