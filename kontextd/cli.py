@@ -33,43 +33,103 @@ def _parser() -> argparse.ArgumentParser:
     add = serve.add_argument
     add("--host", default=_env("HOST", "127.0.0.1"), help="address to bind [KONTEXTD_HOST]")
     add("--port", type=int, default=int(_env("PORT", "8000")), help="port to bind [KONTEXTD_PORT]")
-    add("--data-dir", type=Path, default=Path(_env("DATA_DIR", "kontextd-data")),
-        help="SQLite database, stored images, webhook key and TLS files [KONTEXTD_DATA_DIR]")
-    add("--public-url", default=_env("PUBLIC_URL"),
+    add(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("DATA_DIR", "kontextd-data")),
+        help="SQLite database, stored images, webhook key and TLS files [KONTEXTD_DATA_DIR]",
+    )
+    add(
+        "--public-url",
+        default=_env("PUBLIC_URL"),
         help="base of the URLs handed to clients, e.g. https://kontext.example.com "
-        "(default: the bound address) [KONTEXTD_PUBLIC_URL]")
-    add("--backend", default=_env("BACKEND", "tiny"), choices=["tiny"],
+        "(default: the bound address) [KONTEXTD_PUBLIC_URL]",
+    )
+    add(
+        "--backend",
+        default=_env("BACKEND", "tiny"),
+        choices=["tiny"],
         help="model backend: tiny = the real FluxKontextPipeline with tiny random weights (CPU, offline) "
-        "[KONTEXTD_BACKEND]")
-    add("--api-key", action="append", dest="api_keys", metavar="KEY",
+        "[KONTEXTD_BACKEND]",
+    )
+    add(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
         help="accept this key as 'Authorization: Key KEY' or 'Bearer KEY'; repeatable "
-        "[KONTEXTD_API_KEYS, comma-separated]")
-    add("--insecure", action="store_true", default=_env_flag("INSECURE"),
-        help="allow binding a non-loopback address with no API key [KONTEXTD_INSECURE]")
-    add("--tls-self-signed", action="store_true", default=_env_flag("TLS_SELF_SIGNED"),
+        "[KONTEXTD_API_KEYS, comma-separated]",
+    )
+    add(
+        "--insecure",
+        action="store_true",
+        default=_env_flag("INSECURE"),
+        help="allow binding a non-loopback address with no API key [KONTEXTD_INSECURE]",
+    )
+    add(
+        "--tls-self-signed",
+        action="store_true",
+        default=_env_flag("TLS_SELF_SIGNED"),
         help="serve HTTPS with a local CA and certificate created in the data dir, and print the "
-        "environment lines that point fal-client here [KONTEXTD_TLS_SELF_SIGNED]")
-    add("--tls-cert", type=Path, default=_env("TLS_CERT"), help="serve HTTPS with this certificate chain [KONTEXTD_TLS_CERT]")
+        "environment lines that point fal-client here [KONTEXTD_TLS_SELF_SIGNED]",
+    )
+    add(
+        "--tls-cert",
+        type=Path,
+        default=_env("TLS_CERT"),
+        help="serve HTTPS with this certificate chain [KONTEXTD_TLS_CERT]",
+    )
     add("--tls-key", type=Path, default=_env("TLS_KEY"), help="private key for --tls-cert [KONTEXTD_TLS_KEY]")
-    add("--workers", type=int, default=int(_env("WORKERS", "1")),
-        help="in-process workers; 0 serves the API only and leaves the queue to others [KONTEXTD_WORKERS]")
-    add("--fetch-allow", default=_env("FETCH_ALLOW", ""),
+    add(
+        "--workers",
+        type=int,
+        default=int(_env("WORKERS", "1")),
+        help="in-process workers; 0 serves the API only and leaves the queue to others [KONTEXTD_WORKERS]",
+    )
+    add(
+        "--fetch-allow",
+        default=_env("FETCH_ALLOW", ""),
         help="hosts or CIDRs that image and webhook URLs may reach although they are private or loopback, "
-        "comma-separated [KONTEXTD_FETCH_ALLOW]")
-    add("--output-ttl", type=float, default=float(_env("OUTPUT_TTL", str(SEVEN_DAYS))),
+        "comma-separated [KONTEXTD_FETCH_ALLOW]",
+    )
+    add(
+        "--output-ttl",
+        type=float,
+        default=float(_env("OUTPUT_TTL", str(SEVEN_DAYS))),
         help="seconds finished outputs are kept unless X-Fal-Object-Lifecycle-Preference says otherwise "
-        "[KONTEXTD_OUTPUT_TTL]")
-    add("--sweep-interval", type=float, default=float(_env("SWEEP_INTERVAL", "30")),
-        help="seconds between sweeps for expired outputs and missed start deadlines [KONTEXTD_SWEEP_INTERVAL]")
-    add("--webhook-backoff", default=_env("WEBHOOK_BACKOFF", ",".join(f"{d:g}" for d in WEBHOOK_BACKOFF)),
-        help="seconds between webhook tries, comma-separated; tries = gaps + 1 [KONTEXTD_WEBHOOK_BACKOFF]")
-    add("--sse-ping-interval", type=float, default=float(_env("SSE_PING_INTERVAL", "10")),
-        help="seconds between ': ping' keep-alives on status streams [KONTEXTD_SSE_PING_INTERVAL]")
-    add("--tiny-step-seconds", type=float, default=float(_env("TINY_STEP_SECONDS", "0")),
+        "[KONTEXTD_OUTPUT_TTL]",
+    )
+    add(
+        "--sweep-interval",
+        type=float,
+        default=float(_env("SWEEP_INTERVAL", "30")),
+        help="seconds between sweeps for expired outputs and missed start deadlines "
+        "[KONTEXTD_SWEEP_INTERVAL]",
+    )
+    add(
+        "--webhook-backoff",
+        default=_env("WEBHOOK_BACKOFF", ",".join(f"{d:g}" for d in WEBHOOK_BACKOFF)),
+        help="seconds between webhook tries, comma-separated; tries = gaps + 1 [KONTEXTD_WEBHOOK_BACKOFF]",
+    )
+    add(
+        "--sse-ping-interval",
+        type=float,
+        default=float(_env("SSE_PING_INTERVAL", "10")),
+        help="seconds between ': ping' keep-alives on status streams [KONTEXTD_SSE_PING_INTERVAL]",
+    )
+    add(
+        "--tiny-step-seconds",
+        type=float,
+        default=float(_env("TINY_STEP_SECONDS", "0")),
         help="pace the tiny model to at least this many seconds per step, like a GPU would "
-        "(demos and tests of progress and cancel) [KONTEXTD_TINY_STEP_SECONDS]")
-    add("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"],
-        help="[KONTEXTD_LOG_LEVEL]")
+        "(demos and tests of progress and cancel) [KONTEXTD_TINY_STEP_SECONDS]",
+    )
+    add(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="[KONTEXTD_LOG_LEVEL]",
+    )
     return parser
 
 

@@ -1,4 +1,6 @@
-"""Structured logs: one JSON object per line on stderr. Callers pass fields with `extra=`; never keys or image bytes."""
+"""Structured logs: one JSON object per line on stderr.
+
+Callers pass fields with `extra=`; never API keys or image bytes."""
 
 import json
 import logging
@@ -12,7 +14,8 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -28,7 +28,9 @@ log = logging.getLogger("kontextd.server")
 
 def client_environment(settings: Settings, ca_file: str | None) -> list[str]:
     """The lines a user exports so the unmodified fal-client talks to this server."""
-    authority = urlsplit(settings.base_url).netloc
+    # fal-client hosts may carry a path prefix: keep the one a --public-url behind a reverse proxy has.
+    base = urlsplit(settings.base_url)
+    authority = base.netloc + base.path.rstrip("/")
     lines = []
     if ca_file is not None:
         lines.append(f"export SSL_CERT_FILE={ca_file}")
@@ -49,7 +51,9 @@ def serve(settings: Settings) -> None:
     ca_file = None
     if settings.tls_self_signed:
         hosts = ["localhost", "127.0.0.1", "::1", settings.host, urlsplit(settings.base_url).hostname or ""]
-        tls = ensure_self_signed(data_dir / "tls", [host for host in dict.fromkeys(hosts) if host not in ("", "0.0.0.0", "::")])
+        tls = ensure_self_signed(
+            data_dir / "tls", [host for host in dict.fromkeys(hosts) if host not in ("", "0.0.0.0", "::")]
+        )
         ssl_files = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
         ca_file = str(tls.ca_cert)
     elif settings.tls_cert is not None and settings.tls_key is not None:
@@ -65,7 +69,9 @@ def serve(settings: Settings) -> None:
 
     started = time.perf_counter()
     backend = load_backend(settings.backend, tiny_step_seconds=settings.tiny_step_seconds)
-    log.info("backend loaded", extra={"backend": backend.name, "seconds": round(time.perf_counter() - started, 2)})
+    log.info(
+        "backend loaded", extra={"backend": backend.name, "seconds": round(time.perf_counter() - started, 2)}
+    )
 
     services = Services(
         settings=settings,
@@ -82,8 +88,12 @@ def serve(settings: Settings) -> None:
     )
     if not settings.api_keys:
         log.warning("no API key configured: every client on the bound address can use this server")
-    print("kontextd: point fal-client at this server with:", *client_environment(settings, ca_file), sep="\n  ",
-          flush=True)
+    print(
+        "kontextd: point fal-client at this server with:",
+        *client_environment(settings, ca_file),
+        sep="\n  ",
+        flush=True,
+    )
     print(f"kontextd: serving on {settings.base_url} (API docs at {settings.base_url}/docs)", flush=True)
     try:
         uvicorn.run(

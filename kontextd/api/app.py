@@ -46,7 +46,9 @@ def create_app(services: Services) -> FastAPI:
 
         def fetch_image(url: str) -> Image.Image:
             # Workers are threads; the guard's HTTP client lives on the event loop.
-            return asyncio.run_coroutine_threadsafe(load_image(url, services.fetcher), loop).result(IMAGE_LOAD_TIMEOUT)
+            return asyncio.run_coroutine_threadsafe(load_image(url, services.fetcher), loop).result(
+                IMAGE_LOAD_TIMEOUT
+            )
 
         threads = []
         for index in range(services.settings.workers):
@@ -59,7 +61,9 @@ def create_app(services: Services) -> FastAPI:
                 notify=services.notify,
             )
             services.workers.append(worker)
-            thread = threading.Thread(target=worker.run_forever, args=(stop_threads,), name=f"worker-{index}", daemon=True)
+            thread = threading.Thread(
+                target=worker.run_forever, args=(stop_threads,), name=f"worker-{index}", daemon=True
+            )
             thread.start()
             threads.append(thread)
         dispatcher = WebhookDispatcher(

@@ -1,4 +1,6 @@
-"""API keys: `Authorization: Key <k>` (fal clients) or `Bearer <k>` (curl, the seeds). Compared in constant time."""
+"""API keys: `Authorization: Key <k>` (fal clients) or `Bearer <k>` (curl, the seeds).
+
+Keys are compared in constant time and never logged."""
 
 import hashlib
 import hmac
@@ -42,13 +44,11 @@ class Authenticator:
                 owner = key_owner
         return owner
 
-    def dependency(self):  # noqa: ANN201 - a FastAPI dependency
+    def dependency(self):
         async def require_owner(authorization: str | None = Security(authorization_header)) -> str:
             owner = self.owner_for(authorization)
             if owner is None:
-                detail = (
-                    "Missing or invalid API key: send 'Authorization: Key <key>' or 'Authorization: Bearer <key>'"
-                )
+                detail = "Missing or invalid API key: send 'Authorization: Key <key>' or 'Bearer <key>'"
                 raise HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Key"})
             return owner
 

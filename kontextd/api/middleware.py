@@ -6,7 +6,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # a 20 MB image as a data URI, with room to s
 
 
 class TrailingSlash:
-    """Accept `/path/` as `/path` on every route (fal does), without a redirect that POSTs would not follow."""
+    """Accept `/path/` as `/path` on every route, as fal does, without a redirect a POST would not follow."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -29,8 +29,13 @@ class BodyLimit:
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
                 body = b'{"detail":"Request body too large (at most 64 MB)"}'
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json")]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 413,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)

@@ -5,12 +5,12 @@ from dataclasses import dataclass, field
 
 from kontextd.api.auth import Authenticator
 from kontextd.api.changes import ChangeFeed
+from kontextd.backends.base import Backend
 from kontextd.config import Settings
 from kontextd.fetch.guard import GuardedFetcher
 from kontextd.jobs.store import JobStore
 from kontextd.storage.local import LocalStorage
 from kontextd.webhooks.signing import WebhookSigner
-from kontextd.backends.base import Backend
 from kontextd.worker.runner import Worker
 
 

@@ -1,4 +1,4 @@
-"""The endpoint catalogue: which app ids exist, what each accepts, and how a request becomes generation work."""
+"""The endpoint catalogue: the app ids, what each accepts, and how a request becomes generation work."""
 
 from dataclasses import dataclass
 

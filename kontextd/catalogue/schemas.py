@@ -61,7 +61,9 @@ class _ProFields(_KontextInput):
         description="Classifier-free guidance: how closely the image follows the prompt (1 to 20).",
     )
     safety_tolerance: SafetyTolerance = Field(
-        "2", description="The safety tolerance level for the generated image. 1 is the most strict, 6 the most permissive."
+        "2",
+        description="The safety tolerance level for the generated image. "
+        "1 is the most strict, 6 the most permissive.",
     )
     output_format: OutputFormat = Field("jpeg", description="The format of the generated image.")
     enhance_prompt: bool = Field(False, description="Whether to enhance the prompt for better results.")
@@ -97,7 +99,9 @@ class MaxEditInput(ProEditInput):
 
 class DevEditInput(_KontextInput):
     image_url: ImageUrl
-    num_inference_steps: int = Field(28, ge=10, le=50, description="The number of denoising steps (10 to 50).")
+    num_inference_steps: int = Field(
+        28, ge=10, le=50, description="The number of denoising steps (10 to 50)."
+    )
     guidance_scale: float = Field(
         2.5, ge=1, le=20, description="Classifier-free guidance: how closely the image follows the prompt."
     )

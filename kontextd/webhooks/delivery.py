@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 
+from kontextd.background import pause
 from kontextd.fetch.guard import FetchError, GuardedFetcher
 from kontextd.jobs.model import WebhookDelivery
 from kontextd.jobs.store import JobStore
@@ -30,10 +31,7 @@ class WebhookDispatcher:
                 await asyncio.gather(*(self._deliver(delivery) for delivery in due))
             except Exception:  # keep delivering: one bad row or a database hiccup must not stop webhooks
                 log.exception("webhook round failed")
-            try:
-                await asyncio.wait_for(stop.wait(), poll_seconds)
-            except TimeoutError:
-                pass
+            await pause(stop, poll_seconds)
 
     async def _deliver(self, delivery: WebhookDelivery) -> None:
         headers = {"Content-Type": "application/json"} | self._signer.sign_headers(
@@ -48,7 +46,9 @@ class WebhookDispatcher:
         next_attempt = None
         if not delivered and tries <= len(self._backoff):
             next_attempt = time.time() + self._backoff[tries - 1]
-        await asyncio.to_thread(self._store.webhook_attempted, delivery.delivery_id, delivered, next_attempt, error)
+        await asyncio.to_thread(
+            self._store.webhook_attempted, delivery.delivery_id, delivered, next_attempt, error
+        )
         log.info(
             "webhook attempt",
             extra={

@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 
+from kontextd.background import pause
 from kontextd.jobs.store import JobStore
 from kontextd.storage.base import Storage
 
@@ -13,7 +14,11 @@ BATCH = 500
 
 
 def sweep_once(store: JobStore, storage: Storage, now: float) -> dict[str, int]:
-    counts = {"timed_out": store.expire_unstarted(now), "requeued": store.recover_abandoned(now), "expired": 0}
+    counts = {
+        "timed_out": store.expire_unstarted(now),
+        "requeued": store.recover_abandoned(now),
+        "expired": 0,
+    }
     while expired := store.expired_outputs(now, BATCH):
         for request_id, keys in expired:
             for key in keys:
@@ -31,7 +36,4 @@ async def sweep_forever(store: JobStore, storage: Storage, interval: float, stop
                 log.info("swept", extra=counts)
         except Exception:  # keep sweeping: a transient database error must not end housekeeping
             log.exception("sweep failed")
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
+        await pause(stop, interval)
