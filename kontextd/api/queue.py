@@ -166,12 +166,14 @@ def build_queue_router(services: Services) -> APIRouter:
         logs = store.logs(job.request_id) if with_logs else None
         return status_body(job, base_url(request), position, logs)
 
+    # Reads are SQLite point lookups of microseconds: they run on the event loop, since a threadpool hop
+    # costs more than the lookup itself. Writes (submit, cancel) wait on fsync and go to the threadpool.
     requests_path = "/{app_owner}/{app_alias}/requests/{request_id}"
     not_found = {"detail": "Request not found"}
 
     @router.get(requests_path + "/status", tags=["queue"], summary="Request status",
                 responses={202: {"description": "Queued or running"}, 200: {"description": "Completed"}})
-    def status(
+    async def status(
         request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
     ) -> JSONResponse:
         job = find(app_owner, app_alias, request_id, owner)
@@ -219,7 +221,7 @@ def build_queue_router(services: Services) -> APIRouter:
 
     @router.get(requests_path, tags=["queue"], summary="Request result",
                 responses={200: {"model": KontextOutput, "description": "The model output"}})
-    def result(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
+    async def result(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
         job = find(app_owner, app_alias, request_id, owner)
         if job is None:
             return JSONResponse(not_found, status_code=404)

@@ -10,6 +10,7 @@ import fcntl
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,7 @@ class SQLiteJobStore:
             connection.execute(
                 "INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, input_json, state, priority,"
                 " ticket, created_at, start_deadline, no_retry, webhook_url, output_ttl)"
-                " VALUES (?, ?, ?, ?, ?, 'IN_QUEUE', ?, 0, strftime('%s','now') + 0.0, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, 'IN_QUEUE', ?, 0, ?, ?, ?, ?, ?)",
                 (
                     job.request_id,
                     job.gateway_request_id,
@@ -196,6 +197,7 @@ class SQLiteJobStore:
                     job.owner,
                     json.dumps(job.input),
                     int(job.priority),
+                    time.time(),
                     job.start_deadline,
                     int(job.no_retry),
                     job.webhook_url,
@@ -213,12 +215,16 @@ class SQLiteJobStore:
 
     def queue_position(self, request_id: str) -> int | None:
         connection = self._connection()
-        row = connection.execute(
-            "SELECT priority, ticket, state FROM jobs WHERE request_id = ?", (request_id,)
-        ).fetchone()
-        if row is None or row["state"] != State.IN_QUEUE:
-            return None
-        return self._position(connection, row["priority"], row["ticket"])
+        connection.execute("BEGIN")  # one snapshot: the reads below must not straddle another commit
+        try:
+            row = connection.execute(
+                "SELECT priority, ticket, state FROM jobs WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            if row is None or row["state"] != State.IN_QUEUE:
+                return None
+            return self._position(connection, row["priority"], row["ticket"])
+        finally:
+            connection.execute("COMMIT")
 
     def claim(self, worker_id: str, lease_seconds: float, now: float) -> Job | None:
         with self._write() as connection:
