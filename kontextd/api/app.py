@@ -12,8 +12,8 @@ from PIL import Image
 
 from kontextd import __version__
 from kontextd.api.changes import ChangeFeed
-from kontextd.api.middleware import BodyLimit, TrailingSlash
-from kontextd.api.queue import build_queue_router
+from kontextd.api.middleware import BodyLimit, TargetUrl, TrailingSlash
+from kontextd.api.queue import RUN_PREFIX, build_queue_router
 from kontextd.api.services import Services
 from kontextd.fetch.images import load_image
 from kontextd.webhooks.delivery import WebhookDispatcher
@@ -114,4 +114,5 @@ def create_app(services: Services) -> FastAPI:
 
     app.add_middleware(BodyLimit)
     app.add_middleware(TrailingSlash)
+    app.add_middleware(TargetUrl, run_prefix=RUN_PREFIX)  # outermost: the trailing-slash rule applies after
     return app

@@ -1,0 +1,64 @@
+"""The unmodified @fal-ai/client (Node) against kontextd, in its proxy mode (x-fal-target-url)."""
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import KontextdServer
+
+JS_DIR = Path(__file__).parent / "js"
+
+pytestmark = pytest.mark.skipif(shutil.which("npm") is None, reason="needs Node.js and npm")
+
+
+@pytest.fixture(scope="module")
+def js_client() -> Path:
+    if not (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=JS_DIR, check=True, timeout=300
+        )
+    return JS_DIR
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KontextdServer]:
+    instance = KontextdServer(
+        tmp_path_factory.mktemp("kontextd-js"), args=["--api-key", "js-key", "--tiny-step-seconds", "0.02"]
+    ).start()
+    yield instance
+    instance.stop()
+
+
+def test_js_client_subscribe_and_run(js_client: Path, keyed_server: KontextdServer) -> None:
+    completed = subprocess.run(
+        ["node", "subscribe.mjs", keyed_server.base_url, "js-key"],
+        cwd=js_client,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    seen = json.loads(completed.stdout.strip().splitlines()[-1])
+
+    image = seen["data"]["images"][0]
+    assert (image["width"], image["height"]) == (176, 96)  # 16:9 from the Kontext table, scaled for tiny
+    assert seen["data"]["seed"] == 11
+    assert seen["requestId"]
+    assert seen["updates"][-1]["status"] == "COMPLETED"
+    assert any(message.startswith("step ") for update in seen["updates"] for message in update["logs"])
+    assert seen["run"]["images"][0]["content_type"] == "image/jpeg"
+
+
+def test_js_client_wrong_key_is_refused(js_client: Path, keyed_server: KontextdServer) -> None:
+    completed = subprocess.run(
+        ["node", "subscribe.mjs", keyed_server.base_url, "not-the-key"],
+        cwd=js_client,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode != 0
+    assert "401" in completed.stderr or "Unauthorized" in completed.stderr or "API key" in completed.stderr
