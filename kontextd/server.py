@@ -86,6 +86,12 @@ def serve(settings: Settings) -> None:
         backend=backend,
         instance_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
     )
+    if settings.host in ("0.0.0.0", "::") and not settings.public_url:
+        log.warning(
+            "bound to all interfaces without --public-url: image URLs will name loopback; "
+            "set --public-url to the address clients use",
+            extra={"base_url": settings.base_url},
+        )
     if not settings.api_keys:
         log.warning("no API key configured: every client on the bound address can use this server")
     print(

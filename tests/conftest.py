@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,8 +51,20 @@ class KontextdServer:
     def command(self) -> list[str]:
         tls = ["--tls-self-signed"] if self.tls else []
         return [
-            sys.executable, "-m", "kontextd", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
-            "--fetch-allow", "127.0.0.1", "--sweep-interval", "0.5", *tls, *self.args,
+            sys.executable,
+            "-m",
+            "kontextd",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--fetch-allow",
+            "127.0.0.1",
+            "--sweep-interval",
+            "0.5",
+            *tls,
+            *self.args,
         ]
 
     def start(self) -> "KontextdServer":
@@ -68,7 +81,7 @@ class KontextdServer:
             try:
                 if self.client().get("/health", timeout=1).status_code == 200:
                     return self
-            except httpx.TransportError:
+            except (httpx.TransportError, FileNotFoundError):  # not listening, or TLS files not written yet
                 pass
             time.sleep(0.2)
         raise RuntimeError("kontextd did not become healthy:\n" + "".join(self.output))
@@ -80,7 +93,7 @@ class KontextdServer:
 
     def client(self, key: str | None = None, **kwargs: object) -> httpx.Client:
         headers = {"Authorization": f"Key {key}"} if key else {}
-        verify = str(self.ca_file) if self.tls else True
+        verify = ssl.create_default_context(cafile=self.ca_file) if self.tls else True
         return httpx.Client(base_url=self.base_url, headers=headers, verify=verify, timeout=30, **kwargs)
 
     def stop(self) -> None:
@@ -108,7 +121,7 @@ class KontextdServer:
         return exported
 
 
-def wait_for(condition, timeout: float = 30, interval: float = 0.05):  # noqa: ANN001, ANN201
+def wait_for(condition, timeout: float = 30, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -152,7 +165,7 @@ def png_bytes(width: int, height: int, color: tuple[int, int, int] = (200, 40, 4
 class _Files(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, str, bytes]] = {}
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         code, content_type, body = self.routes.get(self.path, (404, "text/plain", b"not found"))
         self.send_response(code)
         self.send_header("Content-Type", content_type)
@@ -191,7 +204,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
     received: list[tuple[str, dict[str, str], bytes]] = []
     failures_left: list[int] = [0]
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.received.append((self.path, dict(self.headers), body))
         if self.failures_left[0] > 0:
@@ -218,7 +231,7 @@ class WebhookReceiver:
 
 @pytest.fixture
 def webhook_receiver() -> Iterator[WebhookReceiver]:
-    """A loopback endpoint recording every webhook POST; set failures_left[0] to answer 500 that many times."""
+    """A loopback endpoint recording every webhook POST; failures_left[0] = N answers 500 N times first."""
     received: list[tuple[str, dict[str, str], bytes]] = []
     failures = [0]
     handler = type("Receiver", (_Receiver,), {"received": received, "failures_left": failures})
