@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(shutil.which("npm") is None, reason="needs Node.
 def js_client() -> Path:
     if not (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
         subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=JS_DIR, check=True, timeout=300
+            ["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=JS_DIR, check=True, timeout=300
         )
     return JS_DIR
 
