@@ -938,3 +938,24 @@ def test_queue_position_reads_one_consistent_snapshot(sqlite_store: SQLiteJobSto
         assert sqlite_store.queue_position("n3") in (2, 1)  # before or after the claim, nothing else
     assert interfered
     assert sqlite_store.queue_position("n3") == 1
+
+
+def test_summary_carries_what_status_needs_without_the_bodies(store: JobStore) -> None:
+    now = time.time()
+    store.submit(new_job("a"))
+    queued = store.summary("a")
+    assert queued is not None and queued.state is State.IN_QUEUE and queued.error is None
+    assert store.summary("a", owner="someone-else") is None
+    assert store.summary("unknown") is None
+    claim(store, now)
+    store.complete("a", invalid(), now + 1, worker_id="worker-a")
+    ended = store.summary("a")
+    full = get(store, "a")
+    assert ended is not None and full.outcome is not None
+    assert (ended.state, ended.error, ended.error_type, ended.metrics) == (
+        State.COMPLETED,
+        full.outcome.error,
+        full.outcome.error_type,
+        full.outcome.metrics,
+    )
+    assert ended.app_id == full.app_id and ended.output_expired is False

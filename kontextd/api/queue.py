@@ -16,7 +16,7 @@ from kontextd.api.services import Services
 from kontextd.api.wire import queue_prefix, request_urls, status_body
 from kontextd.catalogue.endpoints import ENDPOINTS, Endpoint
 from kontextd.catalogue.schemas import KontextOutput, QueueEnvelope
-from kontextd.jobs.model import CancelResult, Job, NewJob, Priority, State
+from kontextd.jobs.model import CancelResult, Job, JobSummary, NewJob, Priority, State
 
 RUN_PREFIX = "/run"  # the run host is this server under /run; the queue host is the server root
 POLL_FALLBACK_SECONDS = 1.0  # re-read state this often even without a wake-up (changes made elsewhere)
@@ -28,7 +28,9 @@ LogsFlag = Annotated[
 
 
 def _invalid(location: str, name: str, message: str, value: Any) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": [location, name], "msg": message, "input": value}])
+    return RequestValidationError(
+        [{"type": "value_error", "loc": [location, name], "msg": message, "input": value}]
+    )
 
 
 def _lifecycle_ttl(header: str | None, default: float) -> float:
@@ -38,8 +40,10 @@ def _lifecycle_ttl(header: str | None, default: float) -> float:
     try:
         seconds = float(json.loads(header)["expiration_duration_seconds"])
     except (ValueError, TypeError, KeyError) as error:
-        raise _invalid("header", name, 'expected JSON like {"expiration_duration_seconds": 3600}', header) from error
-    if seconds <= 0:
+        raise _invalid(
+            "header", name, 'expected JSON like {"expiration_duration_seconds": 3600}', header
+        ) from error
+    if not seconds > 0:  # also refuses NaN, which json.loads accepts and no comparison would catch
         raise _invalid("header", name, "expiration_duration_seconds must be positive", header)
     return seconds
 
@@ -68,8 +72,14 @@ def build_queue_router(services: Services) -> APIRouter:
         return settings.public_url or str(request.base_url)
 
     def new_job(
-        endpoint: Endpoint, body: BaseModel, owner: str, webhook: str | None, priority: str | None,
-        timeout: float | None, lifecycle: str | None, no_retry: str | None,
+        endpoint: Endpoint,
+        body: BaseModel,
+        owner: str,
+        webhook: str | None,
+        priority: str | None,
+        timeout: float | None,
+        lifecycle: str | None,
+        no_retry: str | None,
     ) -> NewJob:
         return NewJob(
             request_id=str(uuid.uuid4()),
@@ -93,9 +103,11 @@ def build_queue_router(services: Services) -> APIRouter:
         assert services.feed is not None
         while True:
             waiter = services.feed.watch(request_id)
-            job = store.get(request_id, owner)
-            if job is not None and job.state == State.COMPLETED:
+            summary = store.summary(request_id, owner)
+            if summary is not None and summary.state == State.COMPLETED:
                 waiter.cancel()
+                job = store.get(request_id, owner)
+                assert job is not None
                 return job
             await services.feed.wait(request_id, waiter, POLL_FALLBACK_SECONDS)
 
@@ -106,7 +118,9 @@ def build_queue_router(services: Services) -> APIRouter:
             request: Request,
             body: input_model,  # type: ignore[valid-type]
             owner: Owner,
-            fal_webhook: Annotated[str | None, Query(description="URL to POST the result to when it ends.")] = None,
+            fal_webhook: Annotated[
+                str | None, Query(description="URL to POST the result to when it ends.")
+            ] = None,
             x_fal_queue_priority: Annotated[
                 Literal["normal", "low"] | None, Header(description="normal runs before low.")
             ] = None,
@@ -114,15 +128,22 @@ def build_queue_router(services: Services) -> APIRouter:
                 float | None, Header(gt=0, description="Seconds the request may wait to start.")
             ] = None,
             x_fal_object_lifecycle_preference: Annotated[
-                str | None, Header(description='How long outputs are kept: {"expiration_duration_seconds": N}.')
+                str | None,
+                Header(description='How long outputs are kept: {"expiration_duration_seconds": N}.'),
             ] = None,
             x_fal_no_retry: Annotated[
                 str | None, Header(description="Do not re-run the request if its worker stops.")
             ] = None,
         ) -> JSONResponse:
             job = new_job(
-                endpoint, body, owner, fal_webhook, x_fal_queue_priority, x_fal_request_timeout,
-                x_fal_object_lifecycle_preference, x_fal_no_retry,
+                endpoint,
+                body,
+                owner,
+                fal_webhook,
+                x_fal_queue_priority,
+                x_fal_request_timeout,
+                x_fal_object_lifecycle_preference,
+                x_fal_no_retry,
             )
             position = await enqueue(job)
             if run_mode:
@@ -140,28 +161,38 @@ def build_queue_router(services: Services) -> APIRouter:
 
         if run_mode:
             router.add_api_route(
-                f"{RUN_PREFIX}/{endpoint.app_id}", submit, methods=["POST"], tags=["run (sync)"],
-                summary=f"{endpoint.title}: wait for the result", description=endpoint.description,
-                response_model=KontextOutput, operation_id=f"run_{endpoint.app_id}",
+                f"{RUN_PREFIX}/{endpoint.app_id}",
+                submit,
+                methods=["POST"],
+                tags=["run (sync)"],
+                summary=f"{endpoint.title}: wait for the result",
+                description=endpoint.description,
+                response_model=KontextOutput,
+                operation_id=f"run_{endpoint.app_id}",
             )
         else:
             router.add_api_route(
-                f"/{endpoint.app_id}", submit, methods=["POST"], tags=[endpoint.app_id], summary=endpoint.title,
+                f"/{endpoint.app_id}",
+                submit,
+                methods=["POST"],
+                tags=[endpoint.app_id],
+                summary=endpoint.title,
                 description=endpoint.description + " Queues the request; follow it with the returned URLs.",
-                response_model=QueueEnvelope, operation_id=f"submit_{endpoint.app_id}",
+                response_model=QueueEnvelope,
+                operation_id=f"submit_{endpoint.app_id}",
             )
 
     for endpoint in ENDPOINTS:
         add_submit(endpoint, run_mode=False)
         add_submit(endpoint, run_mode=True)
 
-    def find(app_owner: str, app_alias: str, request_id: str, owner: str) -> Job | None:
-        job = store.get(request_id, owner)
+    def find(app_owner: str, app_alias: str, request_id: str, owner: str) -> JobSummary | None:
+        job = store.summary(request_id, owner)
         if job is None or queue_prefix(job.app_id) != f"{app_owner}/{app_alias}":
             return None  # someone else's request looks exactly like an unknown one
         return job
 
-    def current_status(request: Request, job: Job, with_logs: bool) -> dict[str, Any]:
+    def current_status(request: Request, job: JobSummary, with_logs: bool) -> dict[str, Any]:
         position = store.queue_position(job.request_id) if job.state == State.IN_QUEUE else None
         logs = store.logs(job.request_id) if with_logs else None
         return status_body(job, base_url(request), position, logs)
@@ -171,8 +202,12 @@ def build_queue_router(services: Services) -> APIRouter:
     requests_path = "/{app_owner}/{app_alias}/requests/{request_id}"
     not_found = {"detail": "Request not found"}
 
-    @router.get(requests_path + "/status", tags=["queue"], summary="Request status",
-                responses={202: {"description": "Queued or running"}, 200: {"description": "Completed"}})
+    @router.get(
+        requests_path + "/status",
+        tags=["queue"],
+        summary="Request status",
+        responses={202: {"description": "Queued or running"}, 200: {"description": "Completed"}},
+    )
     async def status(
         request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
     ) -> JSONResponse:
@@ -183,8 +218,13 @@ def build_queue_router(services: Services) -> APIRouter:
         code = 200 if job.state == State.COMPLETED else 202
         return JSONResponse(body, status_code=code, headers={"x-fal-request-id": job.request_id})
 
-    @router.get(requests_path + "/status/stream", tags=["queue"], summary="Request status as server-sent events",
-                response_class=StreamingResponse, response_model=None)
+    @router.get(
+        requests_path + "/status/stream",
+        tags=["queue"],
+        summary="Request status as server-sent events",
+        response_class=StreamingResponse,
+        response_model=None,
+    )
     async def stream(
         request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
     ) -> StreamingResponse | JSONResponse:
@@ -199,7 +239,7 @@ def build_queue_router(services: Services) -> APIRouter:
             last_write = time.monotonic()
             while True:
                 waiter = services.feed.watch(request_id)
-                current = store.get(request_id)
+                current = store.summary(request_id)
                 if current is None:
                     waiter.cancel()
                     return
@@ -219,19 +259,31 @@ def build_queue_router(services: Services) -> APIRouter:
         headers = {"x-fal-request-id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    @router.get(requests_path, tags=["queue"], summary="Request result",
-                responses={200: {"model": KontextOutput, "description": "The model output"}})
+    @router.get(
+        requests_path,
+        tags=["queue"],
+        summary="Request result",
+        responses={200: {"model": KontextOutput, "description": "The model output"}},
+    )
     async def result(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
         job = find(app_owner, app_alias, request_id, owner)
         if job is None:
             return JSONResponse(not_found, status_code=404)
         if job.state != State.COMPLETED:
-            return JSONResponse({"detail": "Request is still in progress"}, status_code=400,
-                                headers={"x-fal-request-id": request_id})
+            return JSONResponse(
+                {"detail": "Request is still in progress"},
+                status_code=400,
+                headers={"x-fal-request-id": request_id},
+            )
         if job.output_expired:
-            return JSONResponse({"detail": "The request's outputs have expired"}, status_code=410,
-                                headers={"x-fal-request-id": request_id})
-        return _outcome_response(job)
+            return JSONResponse(
+                {"detail": "The request's outputs have expired"},
+                status_code=410,
+                headers={"x-fal-request-id": request_id},
+            )
+        finished = store.get(request_id, owner)
+        assert finished is not None
+        return _outcome_response(finished)
 
     @router.put(requests_path + "/cancel", tags=["queue"], summary="Cancel a request", status_code=202)
     async def cancel(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:

@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 from typing import Any
 
-from kontextd.jobs.model import Job, LogLine, State
+from kontextd.jobs.model import JobSummary, LogLine, State
 
 
 def queue_prefix(app_id: str) -> str:
@@ -30,7 +30,7 @@ def log_entry(line: LogLine) -> dict[str, str]:
 
 
 def status_body(
-    job: Job, base_url: str, queue_position: int | None, logs: list[LogLine] | None
+    job: JobSummary, base_url: str, queue_position: int | None, logs: list[LogLine] | None
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "status": job.state.value,
@@ -41,9 +41,9 @@ def status_body(
     }
     if job.state == State.IN_QUEUE:
         body["queue_position"] = queue_position if queue_position is not None else 0
-    if job.state == State.COMPLETED and job.outcome is not None:
-        body["metrics"] = job.outcome.metrics
-        if not job.outcome.ok:
-            body["error"] = job.outcome.error
-            body["error_type"] = job.outcome.error_type
+    if job.state == State.COMPLETED:
+        body["metrics"] = job.metrics
+        if job.error is not None:
+            body["error"] = job.error
+            body["error_type"] = job.error_type
     return body

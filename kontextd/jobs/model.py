@@ -76,6 +76,19 @@ class Job:
 
 
 @dataclass(frozen=True)
+class JobSummary:
+    """What a status poll needs: small, whatever the size of the request's input and result."""
+
+    request_id: str
+    app_id: str
+    state: State
+    metrics: dict[str, float]
+    error: str | None
+    error_type: str | None
+    output_expired: bool
+
+
+@dataclass(frozen=True)
 class LogLine:
     message: str
     level: str

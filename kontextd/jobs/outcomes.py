@@ -7,7 +7,9 @@ from kontextd.jobs.model import Outcome
 
 
 def succeeded(output: dict[str, Any], inference_seconds: float, output_keys: tuple[str, ...]) -> Outcome:
-    return Outcome(200, output, metrics={"inference_time": round(inference_seconds, 4)}, output_keys=output_keys)
+    return Outcome(
+        200, output, metrics={"inference_time": round(inference_seconds, 4)}, output_keys=output_keys
+    )
 
 
 def invalid_input(detail: list[dict[str, Any]], message: str) -> Outcome:

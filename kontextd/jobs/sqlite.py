@@ -19,6 +19,7 @@ from kontextd.jobs import outcomes
 from kontextd.jobs.model import (
     CancelResult,
     Job,
+    JobSummary,
     LogLine,
     NewJob,
     Outcome,
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     webhook_url TEXT,
     output_ttl REAL,
-    outcome_json TEXT,
+    outcome_json TEXT,  -- how it ended, small: read by every status poll
+    result_json TEXT,  -- the result body, possibly megabytes of data URIs: read only by the result route
     expires_at REAL,
     output_expired INTEGER NOT NULL DEFAULT 0
 );
@@ -56,7 +58,8 @@ CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(priority, ticket) WHERE state = 'I
 CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs(start_deadline)
     WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs(lease_expires_at) WHERE state = 'IN_PROGRESS';
-CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs(expires_at) WHERE output_expired = 0 AND expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs(expires_at)
+    WHERE output_expired = 0 AND expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS queue_tickets (priority INTEGER PRIMARY KEY, next_ticket INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS queue_holes (
     priority INTEGER NOT NULL, ticket INTEGER NOT NULL, PRIMARY KEY (priority, ticket)
@@ -180,15 +183,17 @@ class SQLiteJobStore:
 
     @staticmethod
     def _leave_queue(connection: sqlite3.Connection, priority: int, ticket: int) -> None:
-        connection.execute("INSERT OR IGNORE INTO queue_holes (priority, ticket) VALUES (?, ?)", (priority, ticket))
+        connection.execute(
+            "INSERT OR IGNORE INTO queue_holes (priority, ticket) VALUES (?, ?)", (priority, ticket)
+        )
 
     # -- jobs ------------------------------------------------------------------------------------
 
     def submit(self, job: NewJob) -> int:
         with self._write() as connection:
             connection.execute(
-                "INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, input_json, state, priority,"
-                " ticket, created_at, start_deadline, no_retry, webhook_url, output_ttl)"
+                "INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, input_json, state,"
+                " priority, ticket, created_at, start_deadline, no_retry, webhook_url, output_ttl)"
                 " VALUES (?, ?, ?, ?, ?, 'IN_QUEUE', ?, 0, ?, ?, ?, ?, ?)",
                 (
                     job.request_id,
@@ -212,6 +217,29 @@ class SQLiteJobStore:
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return _job(row)
+
+    def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT request_id, app_id, owner, state, outcome_json, output_expired FROM jobs"
+                " WHERE request_id = ?",
+                (request_id,),
+            )
+            .fetchone()
+        )
+        if row is None or (owner is not None and row["owner"] != owner):
+            return None
+        ending = json.loads(row["outcome_json"]) if row["outcome_json"] is not None else {}
+        return JobSummary(
+            request_id=row["request_id"],
+            app_id=row["app_id"],
+            state=State(row["state"]),
+            metrics=ending.get("metrics", {}),
+            error=ending.get("error"),
+            error_type=ending.get("error_type"),
+            output_expired=bool(row["output_expired"]),
+        )
 
     def queue_position(self, request_id: str) -> int | None:
         connection = self._connection()
@@ -269,9 +297,16 @@ class SQLiteJobStore:
     def _finish(self, connection: sqlite3.Connection, row: sqlite3.Row, outcome: Outcome, now: float) -> None:
         expires_at = now + row["output_ttl"] if row["output_ttl"] is not None else None
         connection.execute(
-            "UPDATE jobs SET state = 'COMPLETED', completed_at = ?, outcome_json = ?, expires_at = ?,"
+            "UPDATE jobs SET state = 'COMPLETED', completed_at = ?, outcome_json = ?, result_json = ?,"
+            " expires_at = ?,"
             " worker_id = NULL, lease_expires_at = NULL WHERE request_id = ?",
-            (now, json.dumps(_outcome_fields(outcome)), expires_at, row["request_id"]),
+            (
+                now,
+                json.dumps(_outcome_fields(outcome)),
+                json.dumps(outcome.body),
+                expires_at,
+                row["request_id"],
+            ),
         )
         if row["webhook_url"]:
             connection.execute(
@@ -301,9 +336,11 @@ class SQLiteJobStore:
             return CancelResult.REQUESTED
 
     def cancel_requested(self, request_id: str) -> bool:
-        row = self._connection().execute(
-            "SELECT cancel_requested FROM jobs WHERE request_id = ?", (request_id,)
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute("SELECT cancel_requested FROM jobs WHERE request_id = ?", (request_id,))
+            .fetchone()
+        )
         return bool(row and row[0])
 
     # -- logs ------------------------------------------------------------------------------------
@@ -326,7 +363,8 @@ class SQLiteJobStore:
     def expire_unstarted(self, now: float) -> int:
         with self._write() as connection:
             rows = connection.execute(
-                "SELECT * FROM jobs WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL AND start_deadline < ?",
+                "SELECT * FROM jobs WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL"
+                " AND start_deadline < ?",
                 (now,),
             ).fetchall()
             for row in rows:
@@ -341,7 +379,9 @@ class SQLiteJobStore:
             if head is None:
                 connection.execute("DELETE FROM queue_holes WHERE priority = ?", (priority,))
             else:
-                connection.execute("DELETE FROM queue_holes WHERE priority = ? AND ticket < ?", (priority, head))
+                connection.execute(
+                    "DELETE FROM queue_holes WHERE priority = ? AND ticket < ?", (priority, head)
+                )
 
     def recover_abandoned(self, now: float) -> int:
         with self._write() as connection:
@@ -364,12 +404,21 @@ class SQLiteJobStore:
         if row["cancel_requested"]:
             self._finish(connection, row, outcomes.cancelled(), now)
         elif row["no_retry"]:
-            self._finish(connection, row, outcomes.internal_error("The worker stopped; not retried (x-fal-no-retry)"), now)
+            self._finish(
+                connection,
+                row,
+                outcomes.internal_error("The worker stopped; not retried (x-fal-no-retry)"),
+                now,
+            )
         elif row["attempts"] >= MAX_ATTEMPTS:
-            self._finish(connection, row, outcomes.internal_error(f"The worker stopped {MAX_ATTEMPTS} times"), now)
+            self._finish(
+                connection, row, outcomes.internal_error(f"The worker stopped {MAX_ATTEMPTS} times"), now
+            )
         else:
             connection.execute(
-                "UPDATE jobs SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL WHERE request_id = ?",
+                # It did start in time once: the start deadline no longer applies to the re-run.
+                "UPDATE jobs SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL,"
+                " start_deadline = NULL WHERE request_id = ?",
                 (row["request_id"],),
             )
             self._enqueue(connection, row["request_id"], Priority.RETRY)
@@ -389,8 +438,7 @@ class SQLiteJobStore:
     def mark_output_expired(self, request_id: str) -> None:
         with self._write() as connection:
             connection.execute(
-                "UPDATE jobs SET output_expired = 1, outcome_json = json_set(outcome_json, '$.body', json('{}'))"
-                " WHERE request_id = ?",
+                "UPDATE jobs SET output_expired = 1, result_json = '{}' WHERE request_id = ?",
                 (request_id,),
             )
 
@@ -403,11 +451,20 @@ class SQLiteJobStore:
             (now, limit),
         )
         return [
-            WebhookDelivery(row["delivery_id"], row["request_id"], row["url"], row["user_id"], row["body"], row["attempts"])
+            WebhookDelivery(
+                row["delivery_id"],
+                row["request_id"],
+                row["url"],
+                row["user_id"],
+                row["body"],
+                row["attempts"],
+            )
             for row in rows
         ]
 
-    def webhook_attempted(self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str) -> None:
+    def webhook_attempted(
+        self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
+    ) -> None:
         state = "delivered" if delivered else ("pending" if next_attempt_at is not None else "failed")
         with self._write() as connection:
             connection.execute(
@@ -420,7 +477,6 @@ class SQLiteJobStore:
 def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
     return {
         "status_code": outcome.status_code,
-        "body": outcome.body,
         "error": outcome.error,
         "error_type": outcome.error_type,
         "metrics": outcome.metrics,
@@ -434,7 +490,7 @@ def _job(row: sqlite3.Row) -> Job:
         fields = json.loads(row["outcome_json"])
         outcome = Outcome(
             status_code=fields["status_code"],
-            body=fields["body"],
+            body=json.loads(row["result_json"]),
             error=fields["error"],
             error_type=fields["error_type"],
             metrics=fields["metrics"],

@@ -8,7 +8,7 @@ the API calls the writing ones off the event loop.
 from collections.abc import Sequence
 from typing import Protocol
 
-from kontextd.jobs.model import CancelResult, Job, LogLine, NewJob, Outcome, WebhookDelivery
+from kontextd.jobs.model import CancelResult, Job, JobSummary, LogLine, NewJob, Outcome, WebhookDelivery
 
 
 class JobStore(Protocol):
@@ -17,6 +17,9 @@ class JobStore(Protocol):
 
     def get(self, request_id: str, owner: str | None = None) -> Job | None:
         """The job, or None when unknown or (with `owner`) made by someone else."""
+
+    def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
+        """Like get(), without the input and result bodies: what status polls read."""
 
     def queue_position(self, request_id: str) -> int | None:
         """How many queued jobs run before this one; None when it is not queued. Never scans the queue."""
@@ -54,7 +57,9 @@ class JobStore(Protocol):
 
     def due_webhooks(self, now: float, limit: int) -> list[WebhookDelivery]: ...
 
-    def webhook_attempted(self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str) -> None:
+    def webhook_attempted(
+        self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
+    ) -> None:
         """Record one delivery attempt; `next_attempt_at` None with delivered False means give up."""
 
     def close(self) -> None: ...

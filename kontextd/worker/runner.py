@@ -57,6 +57,9 @@ class Worker:
     def run(self, job: Job) -> None:
         started = time.perf_counter()
         log.info("request started", extra={"request_id": job.request_id, "app_id": job.app_id})
+        finished = threading.Event()
+        heartbeat = threading.Thread(target=self._keep_lease, args=(job.request_id, finished), daemon=True)
+        heartbeat.start()
         try:
             outcome = self._execute(job)
         except GenerationCancelled:
@@ -64,6 +67,8 @@ class Worker:
         except Exception as error:  # one bad request must not take the worker down
             log.exception("request failed", extra={"request_id": job.request_id})
             outcome = outcomes.internal_error(f"Generation failed: {type(error).__name__}: {error}")
+        finally:
+            finished.set()
         if not outcome.ok:
             self._log(job.request_id, f"Request failed: {outcome.error}", "ERROR")
         ended = self._store.complete(job.request_id, outcome, time.time(), worker_id=self.worker_id)
@@ -102,18 +107,18 @@ class Worker:
             num_inference_steps=params.num_inference_steps,
         )
         generated = self._backend.generate(generation, self._step_reporter(job.request_id))
-        return self._store_images(job, params, seed, generated.images, generated.has_nsfw_concepts,
-                                  generated.inference_seconds)
+        return self._store_images(
+            job, params, seed, generated.images, generated.has_nsfw_concepts, generated.inference_seconds
+        )
+
+    def _keep_lease(self, request_id: str, finished: threading.Event) -> None:
+        """Renew the lease while the request runs, however long a fetch or a step takes."""
+        while not finished.wait(self._lease_seconds / 3):
+            self._store.renew_lease(request_id, self.worker_id, self._lease_seconds, time.time())
 
     def _step_reporter(self, request_id: str) -> Callable[[int, int], None]:
-        last_renewal = time.monotonic()
-
         def on_step(step: int, total: int) -> None:
-            nonlocal last_renewal
             self._log(request_id, f"step {step}/{total}")
-            if time.monotonic() - last_renewal > self._lease_seconds / 3:
-                self._store.renew_lease(request_id, self.worker_id, self._lease_seconds, time.time())
-                last_renewal = time.monotonic()
             if self._store.cancel_requested(request_id):
                 raise GenerationCancelled
 
@@ -138,7 +143,9 @@ class Worker:
                 key = f"{job.request_id}/{index}.{params.output_format}"
                 url = self._storage.put(key, data, content_type)
                 keys.append(key)
-            described.append({"url": url, "width": image.width, "height": image.height, "content_type": content_type})
+            described.append(
+                {"url": url, "width": image.width, "height": image.height, "content_type": content_type}
+            )
         output = {
             "images": described,
             "timings": {"inference": round(inference_seconds, 4)},
