@@ -5,6 +5,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -38,7 +39,9 @@ def _lifecycle_ttl(header: str | None, default: float) -> float:
         return default
     name = "x-fal-object-lifecycle-preference"
     try:
-        seconds = float(json.loads(header)["expiration_duration_seconds"])
+        seconds = json.loads(header)["expiration_duration_seconds"]
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise TypeError(seconds)
     except (ValueError, TypeError, KeyError) as error:
         raise _invalid(
             "header", name, 'expected JSON like {"expiration_duration_seconds": 3600}', header
@@ -49,7 +52,7 @@ def _lifecycle_ttl(header: str | None, default: float) -> float:
 
 
 def _webhook(url: str | None) -> str | None:
-    if url is not None and not url.startswith(("https://", "http://")):
+    if url is not None and not (url.startswith(("https://", "http://")) and urlsplit(url).hostname):
         raise _invalid("query", "fal_webhook", "must be an https:// or http:// URL", url)
     return url
 

@@ -1,8 +1,10 @@
 """Request and response models of the FLUX.1 Kontext endpoints, as fal and the seed documents define them."""
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 AspectRatio = Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"]
 SafetyTolerance = Literal["1", "2", "3", "4", "5", "6"]
@@ -70,13 +72,18 @@ class _ProFields(_KontextInput):
 
 
 def _check_image_url(value: str) -> str:
+    # PydanticCustomError rather than ValueError: the 422 then carries a clean message and no opaque ctx.
     if value.startswith(("https://", "http://")):
+        if not urlsplit(value).hostname:
+            raise PydanticCustomError("url_parsing", "URL has no host")
         return value
     if value.startswith("data:"):
         if ";base64," not in value[:200]:
-            raise ValueError("data URI must be base64-encoded (data:image/...;base64,...)")
+            raise PydanticCustomError(
+                "value_error", "data URI must be base64-encoded (data:image/...;base64,...)"
+            )
         return value
-    raise ValueError("must be an https:// or http:// URL or a data: URI")
+    raise PydanticCustomError("value_error", "must be an https:// or http:// URL or a data: URI")
 
 
 class ProTextToImageInput(_ProFields):
