@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -54,54 +54,59 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def kontextd(data_dir: Path, workers: int) -> Iterator[str]:
+def serving(command: list[str], health_path: str) -> Iterator[str]:
+    """Run a server process on a free loopback port until the block ends; yields its base URL."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "kontextd",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-        "--workers",
-        str(workers),
-        "--log-level",
-        "warning",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [part.replace("{port}", str(port)) for part in command],
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(base + "/health", process)
+        wait_healthy(base + health_path, process)
         yield base
     finally:
         process.terminate()
         process.wait(30)
 
 
-@contextmanager
-def bare_asgi() -> Iterator[str]:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "bench.bare_asgi:app",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    process = subprocess.Popen(command, cwd=Path(__file__).parent.parent)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base + "/", process)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(30)
+def kontextd(data_dir: Path, workers: int) -> AbstractContextManager[str]:
+    return serving(
+        [
+            sys.executable,
+            "-m",
+            "kontextd",
+            "serve",
+            "--port",
+            "{port}",
+            "--data-dir",
+            str(data_dir),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+        ],
+        "/health",
+    )
+
+
+def bare_asgi() -> AbstractContextManager[str]:
+    return serving(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.bare_asgi:app",
+            "--port",
+            "{port}",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        "/",
+    )
 
 
 def percentiles(samples: list[float]) -> str:

@@ -6,12 +6,9 @@ CA can vouch for nothing but that one leaf: trusting it (SSL_CERT_FILE) carries 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
-import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +17,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kontextd.atomic import write_atomic
 
 VALIDITY = datetime.timedelta(days=825)  # the longest lifetime Apple platforms accept for a TLS leaf
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -167,7 +166,7 @@ def _generate(files: TlsFiles, hosts: set[_Host]) -> None:
 
     files.ca_cert.parent.mkdir(parents=True, exist_ok=True)
     # Key first: if we stop part-way, _reusable sees a key/cert mismatch and regenerates.
-    _write_atomic(
+    write_atomic(
         files.key,
         server_key.private_bytes(
             serialization.Encoding.PEM,
@@ -176,21 +175,5 @@ def _generate(files: TlsFiles, hosts: set[_Host]) -> None:
         ),
         mode=0o600,
     )
-    _write_atomic(files.cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
-    _write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
-
-
-def _write_atomic(path: pathlib.Path, data: bytes, mode: int) -> None:
-    # mkstemp creates the file 0600, so a private key is never readable by others, even briefly.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            os.fchmod(tmp.fileno(), mode)
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    write_atomic(files.cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)

@@ -1,8 +1,8 @@
 """The embedded storage: files in the data directory, served by the API under /files/."""
 
-import os
-import tempfile
 from pathlib import Path, PurePosixPath
+
+from kontextd.atomic import write_atomic
 
 CONTENT_TYPES = {".jpeg": "image/jpeg", ".jpg": "image/jpeg", ".png": "image/png"}
 
@@ -24,11 +24,8 @@ class LocalStorage:
         path = self.path_of(key)
         if path is None:
             raise ValueError(f"invalid storage key {key!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a reader never sees half an image.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as handle:
-            handle.write(data)
-        os.replace(handle.name, path)
+        # Synced and renamed: once the request is recorded as done, its image is whole on disk.
+        write_atomic(path, data, mode=0o644)
         return f"{self._base_url}/files/{key}"
 
     def delete(self, key: str) -> None:

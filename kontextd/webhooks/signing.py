@@ -8,11 +8,8 @@ against fal's docs can therefore point at kontextd's `/.well-known/jwks.json` un
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +17,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from kontextd.atomic import write_atomic
 
 REQUEST_ID_HEADER = "X-Fal-Webhook-Request-Id"
 USER_ID_HEADER = "X-Fal-Webhook-User-Id"
@@ -42,22 +41,6 @@ def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _write_private_atomic(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp creates the file 0600, so the key is never readable by others, even briefly.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-
-
 class WebhookSigner:
     """Holds the server's Ed25519 signing key and produces fal-style webhook headers."""
 
@@ -78,7 +61,7 @@ class WebhookSigner:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            _write_private_atomic(path, pem)
+            write_atomic(path, pem)
             return cls(key)
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(loaded, Ed25519PrivateKey):
