@@ -1,7 +1,7 @@
 """Server settings: one dataclass, filled from `kontextd serve` flags and KONTEXTD_* environment variables."""
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 SEVEN_DAYS = 7 * 24 * 3600.0
@@ -31,7 +31,6 @@ class Settings:
     sse_ping_interval: float = 10.0
     tiny_step_seconds: float = 0.0
     log_level: str = "info"
-    extra_tls_hosts: list[str] = field(default_factory=list)
 
     @property
     def uses_tls(self) -> bool:

@@ -39,7 +39,6 @@ def create_app(services: Services) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        services.loop = loop
         services.feed = ChangeFeed(loop)
         stop_threads = threading.Event()
         stop_tasks = asyncio.Event()

@@ -26,10 +26,6 @@ class Authenticator:
     def __init__(self, keys: tuple[str, ...]) -> None:
         self._keys = [(key.encode(), owner_id(key)) for key in keys]
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
     def owner_for(self, authorization: str | None) -> str | None:
         """The owner id for a header value, None when it carries no valid key."""
         if not self._keys:

@@ -1,6 +1,5 @@
 """Everything the HTTP handlers need, built once by the server and handed to create_app()."""
 
-import asyncio
 from dataclasses import dataclass, field
 
 from kontextd.api.auth import Authenticator
@@ -26,7 +25,6 @@ class Services:
     instance_id: str = "kontextd"  # prefixes worker ids so leases name the process that holds them
     workers: list[Worker] = field(default_factory=list)
     feed: ChangeFeed | None = None  # made in the lifespan, once the event loop runs
-    loop: asyncio.AbstractEventLoop | None = None
 
     def wake_workers(self) -> None:
         for worker in self.workers:

@@ -20,7 +20,6 @@ class Endpoint:
     title: str
     description: str
     input_model: type[BaseModel]
-    family: str  # "pro", "max" or "dev": which Kontext model the app id names
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -29,35 +28,30 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "FLUX.1 Kontext [pro] text to image",
         "Generate images from a text prompt with FLUX.1 Kontext [pro].",
         ProTextToImageInput,
-        "pro",
     ),
     Endpoint(
         "fal-ai/flux-pro/kontext",
         "FLUX.1 Kontext [pro] edit",
         "Edit an image from a text instruction with FLUX.1 Kontext [pro].",
         ProEditInput,
-        "pro",
     ),
     Endpoint(
         "fal-ai/flux-pro/kontext/max/text-to-image",
         "FLUX.1 Kontext [max] text to image",
         "Generate images from a text prompt with FLUX.1 Kontext [max], the strongest prompt adherence.",
         ProTextToImageInput,
-        "max",
     ),
     Endpoint(
         "fal-ai/flux-pro/kontext/max",
         "FLUX.1 Kontext [max] edit",
         "Edit an image from a text instruction with FLUX.1 Kontext [max].",
         MaxEditInput,
-        "max",
     ),
     Endpoint(
         "fal-ai/flux-kontext/dev",
         "FLUX.1 Kontext [dev] edit",
         "Edit an image with the open-weights FLUX.1 Kontext [dev] model.",
         DevEditInput,
-        "dev",
     ),
 )
 

@@ -4,8 +4,6 @@ from pathlib import Path, PurePosixPath
 
 from kontextd.atomic import write_atomic
 
-CONTENT_TYPES = {".jpeg": "image/jpeg", ".jpg": "image/jpeg", ".png": "image/png"}
-
 
 class LocalStorage:
     def __init__(self, root: Path, public_base_url: str) -> None:
