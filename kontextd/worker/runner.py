@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from kontextd.backends.base import Backend, GenerationCancelled, GenerationJob
+from kontextd.backends.base import Backend, Generated, GenerationCancelled, GenerationJob
 from kontextd.catalogue.endpoints import BY_APP_ID, GenerationParams, generation_params
 from kontextd.catalogue.resolutions import output_size
 from kontextd.fetch.guard import FetchError
@@ -46,13 +46,18 @@ class Worker:
 
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            job = self._store.claim(self.worker_id, self._lease_seconds, time.time())
-            if job is None:
-                self.wake.wait(timeout=1.0)
-                self.wake.clear()
-                continue
-            self._notify(job.request_id)
-            self.run(job)
+            try:
+                job = self._store.claim(self.worker_id, self._lease_seconds, time.time())
+                if job is not None:
+                    self._notify(job.request_id)
+                    self.run(job)
+                    continue
+            except (
+                Exception
+            ):  # a store hiccup must not end the worker: a claimed job's lease lapses and it re-runs
+                log.exception("worker loop failed")
+            self.wake.wait(timeout=1.0)
+            self.wake.clear()
 
     def run(self, job: Job) -> None:
         started = time.perf_counter()
@@ -107,9 +112,7 @@ class Worker:
             num_inference_steps=params.num_inference_steps,
         )
         generated = self._backend.generate(generation, self._step_reporter(job.request_id))
-        return self._store_images(
-            job, params, seed, generated.images, generated.has_nsfw_concepts, generated.inference_seconds
-        )
+        return self._store_images(job, params, seed, generated)
 
     def _keep_lease(self, request_id: str, finished: threading.Event) -> None:
         """Renew the lease while the request runs, however long a fetch or a step takes."""
@@ -124,18 +127,10 @@ class Worker:
 
         return on_step
 
-    def _store_images(
-        self,
-        job: Job,
-        params: GenerationParams,
-        seed: int,
-        images: list[Image.Image],
-        nsfw: list[bool],
-        inference_seconds: float,
-    ) -> Outcome:
+    def _store_images(self, job: Job, params: GenerationParams, seed: int, generated: Generated) -> Outcome:
         content_type = CONTENT_TYPES[params.output_format]
         described, keys = [], []
-        for index, image in enumerate(images):
+        for index, image in enumerate(generated.images):
             data = encode_image(image, params.output_format)
             if params.sync_mode:
                 url = data_uri(data, params.output_format)
@@ -148,12 +143,12 @@ class Worker:
             )
         output = {
             "images": described,
-            "timings": {"inference": round(inference_seconds, 4)},
+            "timings": {"inference": round(generated.inference_seconds, 4)},
             "seed": seed,
-            "has_nsfw_concepts": nsfw,
+            "has_nsfw_concepts": generated.has_nsfw_concepts,
             "prompt": params.prompt,
         }
-        return outcomes.succeeded(output, inference_seconds, tuple(keys))
+        return outcomes.succeeded(output, generated.inference_seconds, tuple(keys))
 
     def _log(self, request_id: str, message: str, level: str = "INFO") -> None:
         self._store.append_log(request_id, message, level, time.time())
