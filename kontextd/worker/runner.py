@@ -52,9 +52,7 @@ class Worker:
                     self._notify(job.request_id)
                     self.run(job)
                     continue
-            except (
-                Exception
-            ):  # a store hiccup must not end the worker: a claimed job's lease lapses and it re-runs
+            except Exception:  # a store hiccup must not end the worker; a claimed job's lease lapses
                 log.exception("worker loop failed")
             self.wake.wait(timeout=1.0)
             self.wake.clear()
