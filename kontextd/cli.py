@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kontextd.backends import DEFAULT_MODEL
 from kontextd.config import SEVEN_DAYS, WEBHOOK_BACKOFF, Settings
 
 
@@ -47,10 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--backend",
-        default=_env("BACKEND", "tiny"),
-        choices=["tiny"],
-        help="model backend: tiny = the real FluxKontextPipeline with tiny random weights (CPU, offline) "
-        "[KONTEXTD_BACKEND]",
+        default=_env("BACKEND", "auto"),
+        choices=["auto", "diffusers", "tiny"],
+        help="model backend: diffusers = FLUX.1 Kontext [dev] through diffusers (--model, --device); "
+        "tiny = the same pipeline with tiny random weights (CPU, offline); auto = diffusers when CUDA and "
+        "the model are available, else tiny, saying why [KONTEXTD_BACKEND]",
+    )
+    add(
+        "--model",
+        default=_env("MODEL", DEFAULT_MODEL),
+        help="weights for --backend diffusers: a Hugging Face hub id (HF_TOKEN for gated repos), a local "
+        "pipeline directory (offline), or a .safetensors transformer [KONTEXTD_MODEL]",
+    )
+    add(
+        "--device",
+        default=_env("DEVICE", "auto"),
+        help="torch device for --backend diffusers: auto (CUDA), cuda, cuda:N or cpu [KONTEXTD_DEVICE]",
     )
     add(
         "--api-key",
@@ -142,6 +155,8 @@ def settings_from_args(argv: Sequence[str]) -> Settings:
         data_dir=args.data_dir,
         public_url=args.public_url,
         backend=args.backend,
+        model=args.model,
+        device=args.device,
         api_keys=tuple(key.strip() for key in keys if key.strip()),
         insecure=args.insecure,
         tls_self_signed=args.tls_self_signed,

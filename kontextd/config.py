@@ -4,6 +4,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from kontextd.backends import DEFAULT_MODEL
+
 SEVEN_DAYS = 7 * 24 * 3600.0
 # Ten tries over about two hours, as fal retries webhooks: the gaps between tries, in seconds.
 WEBHOOK_BACKOFF = (15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3300.0)
@@ -15,7 +17,9 @@ class Settings:
     port: int = 8000
     data_dir: Path = Path("kontextd-data")
     public_url: str | None = None
-    backend: str = "tiny"
+    backend: str = "auto"
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
     api_keys: tuple[str, ...] = ()
     insecure: bool = False
     tls_self_signed: bool = False
@@ -68,8 +72,6 @@ class Settings:
             raise ValueError("--tls-cert and --tls-key must be given together")
         if self.tls_self_signed and self.tls_cert is not None:
             raise ValueError("--tls-self-signed and --tls-cert are exclusive")
-        if self.backend != "tiny":
-            raise ValueError(f"--backend {self.backend}: unknown backend (available: tiny)")
         if self.workers < 0:
             raise ValueError("--workers must be 0 or more")
         if len(self.webhook_backoff) < 1:

@@ -14,7 +14,7 @@ from kontextd.api.app import create_app
 from kontextd.api.auth import Authenticator
 from kontextd.api.queue import RUN_PREFIX
 from kontextd.api.services import Services
-from kontextd.backends import load_backend
+from kontextd.backends import BackendUnavailable, plan_backend
 from kontextd.config import Settings
 from kontextd.fetch.addresses import AllowList
 from kontextd.fetch.guard import FetchLimits, GuardedFetcher
@@ -44,6 +44,11 @@ def client_environment(settings: Settings, ca_file: str | None) -> list[str]:
 
 def serve(settings: Settings) -> None:
     logs.configure(settings.log_level)
+    try:
+        plan = plan_backend(settings.backend, settings.model, settings.device)
+    except BackendUnavailable as error:
+        sys.exit(f"kontextd: {error}")
+    print(f"kontextd: backend {plan.kind} on {plan.device} ({plan.reason})", flush=True)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -67,12 +72,6 @@ def serve(settings: Settings) -> None:
     if requeued:
         log.warning("re-queued requests interrupted by the last shutdown", extra={"count": requeued})
 
-    started = time.perf_counter()
-    backend = load_backend(settings.backend, tiny_step_seconds=settings.tiny_step_seconds)
-    log.info(
-        "backend loaded", extra={"backend": backend.name, "seconds": round(time.perf_counter() - started, 2)}
-    )
-
     services = Services(
         settings=settings,
         store=store,
@@ -83,7 +82,7 @@ def serve(settings: Settings) -> None:
             AllowList.parse(settings.fetch_allow),
             FetchLimits(max_bytes=settings.fetch_max_bytes, timeout_seconds=settings.fetch_timeout),
         ),
-        backend=backend,
+        plan=plan,
         instance_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
     )
     if settings.host in ("0.0.0.0", "::") and not settings.public_url:

@@ -67,7 +67,8 @@ class KontextdServer:
             *self.args,
         ]
 
-    def start(self) -> "KontextdServer":
+    def start(self, until: str = "ready") -> "KontextdServer":
+        """Start and wait until /health says `until` ("ready", or "failed" for tests of a failed load)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
         self.output = []
         self.process = subprocess.Popen(
@@ -79,7 +80,7 @@ class KontextdServer:
             if self.process.poll() is not None:
                 raise RuntimeError("kontextd exited during start-up:\n" + "".join(self.output))
             try:
-                if self.client().get("/health", timeout=1).status_code == 200:
+                if self.client().get("/health", timeout=1).json()["status"] == until:
                     return self
             except (httpx.TransportError, FileNotFoundError):  # not listening, or TLS files not written yet
                 pass

@@ -469,7 +469,7 @@ def test_still_serving_after_bad_input(client: httpx.Client) -> None:
     assert client.post(f"/{TEXT_TO_IMAGE}", content=b"prompt=x").status_code == 422
     health = client.get("/health")
     assert health.status_code == 200
-    assert health.json()["status"] == "ok"
+    assert health.json()["status"] == "ready"
     response = submit(client, TEXT_TO_IMAGE, {"prompt": "still here"})
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "IN_QUEUE"

@@ -139,8 +139,11 @@ def submit_and_cancel(server: KontextdServer, submit_with: str, follow_with: str
 
 @pytest.mark.parametrize(
     ("submit_with", "follow_with"),
-    [(f"Key {ALPHA}", f"Bearer {ALPHA}"), (f"Bearer {ALPHA}", f"Key {ALPHA}"),
-     (f"Bearer {BETA}", f"key {BETA}")],
+    [
+        (f"Key {ALPHA}", f"Bearer {ALPHA}"),
+        (f"Bearer {ALPHA}", f"Key {ALPHA}"),
+        (f"Bearer {BETA}", f"key {BETA}"),
+    ],
     ids=["key-then-bearer", "bearer-then-key", "second-key"],
 )
 def test_key_and_bearer_both_work(keyed: KontextdServer, submit_with: str, follow_with: str) -> None:
@@ -190,7 +193,7 @@ def test_public_routes_need_no_key(keyed: KontextdServer, alpha_request: dict[st
     with keyed.client() as http:
         result = http.get(f"{QUEUE}/{alpha_request['request_id']}", headers=auth(f"Key {ALPHA}")).json()
         health = http.get("/health")
-        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.status_code == 200 and health.json()["status"] == "ready"
         docs = http.get("/docs")
         assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
         openapi = http.get("/openapi.json")
@@ -268,9 +271,23 @@ def test_refuses_public_bind_without_key(tmp_path: Path, extra_env: dict[str, st
     data_dir = tmp_path / "data"
     started = time.monotonic()
     completed_process = subprocess.run(
-        [sys.executable, "-m", "kontextd", "serve", "--host", "0.0.0.0", "--port", str(free_port()),
-         "--data-dir", str(data_dir)],
-        env=clean_env(**extra_env), capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "kontextd",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+            "--data-dir",
+            str(data_dir),
+        ],
+        env=clean_env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert completed_process.returncode != 0
     assert time.monotonic() - started < 30
@@ -283,10 +300,24 @@ def test_refuses_public_bind_without_key(tmp_path: Path, extra_env: dict[str, st
 def test_serve_help_lists_every_flag() -> None:
     completed_process = subprocess.run(
         [sys.executable, "-m", "kontextd", "serve", "--help"],
-        env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert completed_process.returncode == 0, completed_process.stderr
-    for flag in ("--host", "--port", "--data-dir", "--public-url", "--backend", "--api-key",
-                 "--tls-self-signed", "--tls-cert", "--tls-key", "--insecure"):
+    for flag in (
+        "--host",
+        "--port",
+        "--data-dir",
+        "--public-url",
+        "--backend",
+        "--api-key",
+        "--tls-self-signed",
+        "--tls-cert",
+        "--tls-key",
+        "--insecure",
+    ):
         assert flag in completed_process.stdout, flag
     assert "KONTEXTD_API_KEYS" in completed_process.stdout

@@ -52,7 +52,11 @@ def run_script(server: KontextdServer, name: str, *args: str, key: str = KEY, ti
     env = {**os.environ, **server.fal_env(key), "NO_PROXY": "127.0.0.1,localhost,::1"}
     completed = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *args],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     assert completed.returncode == 0, f"{name} failed:\n{completed.stdout}\n{completed.stderr}"
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -96,15 +100,21 @@ def test_exported_environment(tls_server: KontextdServer) -> None:
         (
             Settings(public_url="https://kontext.example.com/fal/", api_keys=("k",)),
             None,
-            ["export FAL_RUN_HOST=kontext.example.com/fal/run",
-             "export FAL_QUEUE_RUN_HOST=kontext.example.com/fal",
-             "export FAL_KEY=<one of your --api-key values>"],
+            [
+                "export FAL_RUN_HOST=kontext.example.com/fal/run",
+                "export FAL_QUEUE_RUN_HOST=kontext.example.com/fal",
+                "export FAL_KEY=<one of your --api-key values>",
+            ],
         ),
         (
             Settings(host="::1", port=8443, tls_self_signed=True),
             "/data/tls/ca.pem",
-            ["export SSL_CERT_FILE=/data/tls/ca.pem", "export FAL_RUN_HOST=[::1]:8443/run",
-             "export FAL_QUEUE_RUN_HOST=[::1]:8443", "export FAL_KEY=local"],
+            [
+                "export SSL_CERT_FILE=/data/tls/ca.pem",
+                "export FAL_RUN_HOST=[::1]:8443/run",
+                "export FAL_QUEUE_RUN_HOST=[::1]:8443",
+                "export FAL_KEY=local",
+            ],
         ),
     ],
     ids=["public-url-with-path", "ipv6-self-signed"],
@@ -238,6 +248,11 @@ def test_wrong_key_raises_401(tls_server: KontextdServer) -> None:
         assert found[call]["raised"], call
         assert found[call]["status_code"] == 401, found[call]
     with tls_server.client(KEY) as http:
-        final = wait_for(lambda: (body := http.get(
-            f"/fal-ai/flux-pro/requests/{existing}/status").json())["status"] == "COMPLETED" and body)
+        final = wait_for(
+            lambda: (
+                (body := http.get(f"/fal-ai/flux-pro/requests/{existing}/status").json())["status"]
+                == "COMPLETED"
+                and body
+            )
+        )
     assert "error" not in final  # the rejected cancel did not touch it

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -15,6 +16,7 @@ from kontextd.api.changes import ChangeFeed
 from kontextd.api.middleware import BodyLimit, TargetUrl, TrailingSlash
 from kontextd.api.queue import RUN_PREFIX, build_queue_router
 from kontextd.api.services import Services
+from kontextd.backends import BackendUnavailable, load_backend
 from kontextd.fetch.images import load_image
 from kontextd.webhooks.delivery import WebhookDispatcher
 from kontextd.worker.housekeeping import sweep_forever
@@ -49,22 +51,46 @@ def create_app(services: Services) -> FastAPI:
                 IMAGE_LOAD_TIMEOUT
             )
 
-        threads = []
-        for index in range(services.settings.workers):
-            worker = Worker(
-                worker_id=f"{services.instance_id}-{index}",
-                store=services.store,
-                backend=services.backend,
-                storage=services.storage,
-                load_image=fetch_image,
-                notify=services.notify,
+        threads: list[threading.Thread] = []
+
+        def load_then_work() -> None:
+            """Load the model off the event loop; meanwhile requests queue and /health says loading."""
+            started = time.perf_counter()
+            try:
+                backend = load_backend(services.plan, tiny_step_seconds=services.settings.tiny_step_seconds)
+            except BackendUnavailable as error:
+                services.readiness.fail(str(error))
+                log.error("backend unavailable", extra={"reason": str(error)})
+                return
+            except Exception as error:  # report any loading failure on /health rather than dying silently
+                services.readiness.fail(f"{type(error).__name__}: {error}")
+                log.exception("backend failed to load")
+                return
+            for index in range(services.settings.workers):
+                worker = Worker(
+                    worker_id=f"{services.instance_id}-{index}",
+                    store=services.store,
+                    backend=backend,
+                    storage=services.storage,
+                    load_image=fetch_image,
+                    notify=services.notify,
+                )
+                services.workers.append(worker)
+                thread = threading.Thread(
+                    target=worker.run_forever, args=(stop_threads,), name=f"worker-{index}", daemon=True
+                )
+                thread.start()
+                threads.append(thread)
+            services.readiness.ready(backend.name)
+            seconds = round(time.perf_counter() - started, 2)
+            log.info(
+                "ready", extra={"workers": len(threads), "backend": backend.name, "load_seconds": seconds}
             )
-            services.workers.append(worker)
-            thread = threading.Thread(
-                target=worker.run_forever, args=(stop_threads,), name=f"worker-{index}", daemon=True
-            )
-            thread.start()
-            threads.append(thread)
+
+        if services.settings.workers > 0:
+            threading.Thread(target=load_then_work, name="backend-loader", daemon=True).start()
+        else:
+            services.readiness.ready(None)  # an API-only node: other processes run the queue
         dispatcher = WebhookDispatcher(
             services.store, services.signer, services.fetcher, services.settings.webhook_backoff
         )
@@ -74,7 +100,6 @@ def create_app(services: Services) -> FastAPI:
                 sweep_forever(services.store, services.storage, services.settings.sweep_interval, stop_tasks)
             ),
         ]
-        log.info("ready", extra={"workers": len(threads), "backend": services.backend.name})
         try:
             yield
         finally:
@@ -96,9 +121,15 @@ def create_app(services: Services) -> FastAPI:
     )
     app.include_router(build_queue_router(services))
 
-    @app.get("/health", tags=["server"], summary="Liveness and readiness")
-    def health() -> dict[str, object]:
-        return {"status": "ok", "backend": services.backend.name, "workers": len(services.workers)}
+    @app.get(
+        "/health",
+        tags=["server"],
+        summary="Readiness: loading, ready or failed (with why)",
+        responses={503: {"description": "Still loading the model, or failed to"}},
+    )
+    def health() -> JSONResponse:
+        body = services.readiness.describe() | {"workers": len(services.workers)}
+        return JSONResponse(body, status_code=200 if services.readiness.state == "ready" else 503)
 
     @app.get("/.well-known/jwks.json", tags=["server"], summary="Public keys that sign webhooks")
     def jwks() -> dict[str, object]:

@@ -4,13 +4,31 @@ from dataclasses import dataclass, field
 
 from kontextd.api.auth import Authenticator
 from kontextd.api.changes import ChangeFeed
-from kontextd.backends.base import Backend
+from kontextd.backends import BackendPlan
 from kontextd.config import Settings
 from kontextd.fetch.guard import GuardedFetcher
 from kontextd.jobs.store import JobStore
 from kontextd.storage.local import LocalStorage
 from kontextd.webhooks.signing import WebhookSigner
 from kontextd.worker.runner import Worker
+
+
+@dataclass
+class Readiness:
+    """What /health reports: loading until the model is ready, or failed with the reason."""
+
+    state: str = "loading"
+    backend: str | None = None
+    reason: str | None = None
+
+    def ready(self, backend: str | None) -> None:
+        self.state, self.backend = "ready", backend
+
+    def fail(self, reason: str) -> None:
+        self.state, self.reason = "failed", reason
+
+    def describe(self) -> dict[str, str | None]:
+        return {"status": self.state, "backend": self.backend, "reason": self.reason}
 
 
 @dataclass
@@ -21,7 +39,8 @@ class Services:
     authenticator: Authenticator
     signer: WebhookSigner
     fetcher: GuardedFetcher
-    backend: Backend
+    plan: BackendPlan
+    readiness: Readiness = field(default_factory=Readiness)
     instance_id: str = "kontextd"  # prefixes worker ids so leases name the process that holds them
     workers: list[Worker] = field(default_factory=list)
     feed: ChangeFeed | None = None  # made in the lifespan, once the event loop runs

@@ -11,6 +11,10 @@ class GenerationCancelled(Exception):
     """Raised from a step callback to stop a generation between denoising steps."""
 
 
+class GenerationOutOfMemory(Exception):
+    """The device ran out of memory for this request; the backend has freed what it could and goes on."""
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     prompt: str

@@ -7,7 +7,7 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
-from kontextd.backends.base import Generated, GenerationJob, StepCallback
+from kontextd.backends.base import Generated, GenerationJob, GenerationOutOfMemory, StepCallback
 from kontextd.catalogue.resolutions import scaled
 
 SEED_MODULUS = 2**63  # torch generators take seeds below 2**64; fold any integer a client sends into range
@@ -53,20 +53,27 @@ class KontextPipelineBackend:
             return tensors
 
         started = time.perf_counter()
-        with torch.inference_mode():
-            result = self._pipeline(
-                image=image,
-                prompt=job.prompt,
-                height=height,
-                width=width,
-                max_area=width * height,
-                _auto_resize=False,
-                num_inference_steps=job.num_inference_steps,
-                guidance_scale=job.guidance_scale,
-                num_images_per_prompt=job.num_images,
-                generator=generator,
-                callback_on_step_end=step_end,
-            )
+        try:
+            with torch.inference_mode():
+                result = self._pipeline(
+                    image=image,
+                    prompt=job.prompt,
+                    height=height,
+                    width=width,
+                    max_area=width * height,
+                    _auto_resize=False,
+                    num_inference_steps=job.num_inference_steps,
+                    guidance_scale=job.guidance_scale,
+                    num_images_per_prompt=job.num_images,
+                    generator=generator,
+                    callback_on_step_end=step_end,
+                )
+        except torch.OutOfMemoryError as error:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the next request the memory this one held
+            raise GenerationOutOfMemory(
+                f"Out of memory generating {job.num_images} image(s) at {width}x{height}; try fewer images"
+            ) from error
         return Generated(
             images=list(result.images),
             has_nsfw_concepts=[False] * len(result.images),

@@ -8,7 +8,13 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from kontextd.backends.base import Backend, Generated, GenerationCancelled, GenerationJob
+from kontextd.backends.base import (
+    Backend,
+    Generated,
+    GenerationCancelled,
+    GenerationJob,
+    GenerationOutOfMemory,
+)
 from kontextd.catalogue.endpoints import BY_APP_ID, GenerationParams, generation_params
 from kontextd.catalogue.resolutions import output_size
 from kontextd.fetch.guard import FetchError
@@ -67,6 +73,9 @@ class Worker:
             outcome = self._execute(job)
         except GenerationCancelled:
             outcome = outcomes.cancelled()
+        except GenerationOutOfMemory as error:  # this request only: the worker and its model carry on
+            log.warning("out of memory", extra={"request_id": job.request_id})
+            outcome = outcomes.internal_error(str(error))
         except Exception as error:  # one bad request must not take the worker down
             log.exception("request failed", extra={"request_id": job.request_id})
             outcome = outcomes.internal_error(f"Generation failed: {type(error).__name__}: {error}")

@@ -51,17 +51,19 @@ try:
 except fal_client.FalClientHTTPError as error:
     running_get = {"raised": True, **http_error(error)}
 
-emit({
-    "queued": {
-        "before": queued_before,
-        "after": queued_after,
-        "get": queued_get,
-        "cancel_again": cancel_again,
-    },
-    "running": {
-        "seen": seen_running,
-        "after": running_after,
-        "get": running_get,
-        "steps_logged": step_logs(running_after),
-    },
-})
+emit(
+    {
+        "queued": {
+            "before": queued_before,
+            "after": queued_after,
+            "get": queued_get,
+            "cancel_again": cancel_again,
+        },
+        "running": {
+            "seen": seen_running,
+            "after": running_after,
+            "get": running_get,
+            "steps_logged": step_logs(running_after),
+        },
+    }
+)

@@ -18,11 +18,13 @@ result = handle.get()
 # The module-level functions rebuild the URLs from FAL_QUEUE_RUN_HOST instead of the envelope's.
 again = fal_client.result(TEXT_TO_IMAGE, handle.request_id)
 by_id = describe(fal_client.status(TEXT_TO_IMAGE, handle.request_id, with_logs=True))
-emit({
-    "request_id": handle.request_id,
-    "urls": [handle.response_url, handle.status_url, handle.cancel_url],
-    "statuses": statuses,
-    "result": result,
-    "result_by_id": again,
-    "status_by_id": by_id,
-})
+emit(
+    {
+        "request_id": handle.request_id,
+        "urls": [handle.response_url, handle.status_url, handle.cancel_url],
+        "statuses": statuses,
+        "result": result,
+        "result_by_id": again,
+        "status_by_id": by_id,
+    }
+)

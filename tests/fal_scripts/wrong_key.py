@@ -17,10 +17,12 @@ def attempt(call: Callable[[], Any]) -> dict[str, Any]:
 
 
 existing = sys.argv[1]  # a request made with the right key
-emit({
-    "submit": attempt(lambda: fal_client.submit(TEXT_TO_IMAGE, {"prompt": "x"})),
-    "run": attempt(lambda: fal_client.run(TEXT_TO_IMAGE, {"prompt": "x"})),
-    "status": attempt(lambda: fal_client.status(TEXT_TO_IMAGE, existing)),
-    "result": attempt(lambda: fal_client.result(TEXT_TO_IMAGE, existing)),
-    "cancel": attempt(lambda: fal_client.cancel(TEXT_TO_IMAGE, existing)),
-})
+emit(
+    {
+        "submit": attempt(lambda: fal_client.submit(TEXT_TO_IMAGE, {"prompt": "x"})),
+        "run": attempt(lambda: fal_client.run(TEXT_TO_IMAGE, {"prompt": "x"})),
+        "status": attempt(lambda: fal_client.status(TEXT_TO_IMAGE, existing)),
+        "result": attempt(lambda: fal_client.result(TEXT_TO_IMAGE, existing)),
+        "cancel": attempt(lambda: fal_client.cancel(TEXT_TO_IMAGE, existing)),
+    }
+)
