@@ -257,8 +257,11 @@ class SQLiteJobStore:
     def claim(self, worker_id: str, lease_seconds: float, now: float) -> Job | None:
         with self._write() as connection:
             while True:
+                # Only what deciding and timing out need: the input, possibly megabytes, is read once below.
                 row = connection.execute(
-                    "SELECT * FROM jobs WHERE state = 'IN_QUEUE' ORDER BY priority, ticket LIMIT 1"
+                    "SELECT request_id, gateway_request_id, owner, priority, ticket, start_deadline,"
+                    " webhook_url, output_ttl FROM jobs WHERE state = 'IN_QUEUE'"
+                    " ORDER BY priority, ticket LIMIT 1"
                 ).fetchone()
                 if row is None:
                     return None
@@ -266,12 +269,12 @@ class SQLiteJobStore:
                 if row["start_deadline"] is not None and row["start_deadline"] < now:
                     self._finish(connection, row, outcomes.timed_out(), now)
                     continue
-                connection.execute(
+                claimed = connection.execute(
                     "UPDATE jobs SET state = 'IN_PROGRESS', worker_id = ?, lease_expires_at = ?,"
-                    " started_at = ?, attempts = attempts + 1 WHERE request_id = ?",
+                    " started_at = ?, attempts = attempts + 1 WHERE request_id = ? RETURNING *",
                     (worker_id, now + lease_seconds, now, row["request_id"]),
-                )
-                return self.get(row["request_id"])
+                ).fetchone()
+                return _job(claimed)
 
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
         with self._write() as connection:
