@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from kontextd.backends.base import GenerationJob
+from kontextd.backends.base import GenerationJob, ImageInput, QuietProgress
 from kontextd.backends.pipeline import KontextPipelineBackend
 from kontextd.backends.tiny import FULL, TINY, Architecture, build_random_pipeline
 
@@ -94,7 +94,10 @@ def main() -> None:
     pipeline = build_random_pipeline(architecture, device=args.device, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     print(f"(built in {time.perf_counter() - started:.1f} s)")
-    backend = KontextPipelineBackend(pipeline, name="bench")
+    # The 1:1 table size is 1024x1024; a smaller --size shrinks it the way the tiny backend does.
+    backend = KontextPipelineBackend(
+        pipeline, name="bench", served_by="random weights", resolution_divisor=max(1, 1024 // size)
+    )
     reference = Image.new("RGB", (size, size), (120, 80, 200))
     latent_tokens = (size // 16) ** 2  # VAE /8, then 2x2 packing
 
@@ -120,10 +123,19 @@ def main() -> None:
                     generator=torch.Generator(device=args.device).manual_seed(0),
                 )
 
-            job = GenerationJob("a lighthouse at dusk", image, (size, size), batch, 0, 2.5, steps)
+            job = GenerationJob(
+                prompt="a lighthouse at dusk",
+                image=ImageInput("reference", lambda url, image=image: image) if image else None,
+                aspect_ratio="1:1",
+                num_images=batch,
+                seed=0,
+                guidance_scale=2.5,
+                num_inference_steps=steps,
+                output_format="png",
+            )
 
             def kontextd_none(job: GenerationJob = job) -> object:
-                return backend.generate(job, lambda step, total: None)
+                return backend.generate(job, QuietProgress())
 
             for method, call in (("diffusers eager", diffusers_eager), ("kontextd none", kontextd_none)):
                 seconds = timed(call, args.device, args.repeats) / batch

@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the bound address) [KONTEXTD_PUBLIC_URL]",
     )
     add(
+        "--config",
+        dest="config_file",
+        type=Path,
+        default=_env("CONFIG"),
+        help="TOML file routing endpoints to backends (local, bfl, fal) and configuring the upstream APIs; "
+        "default: [pro]/[max] go to BFL when BFL_API_KEY is set, else everything runs on the local model "
+        "[KONTEXTD_CONFIG]",
+    )
+    add(
         "--backend",
         default=_env("BACKEND", "auto"),
         choices=["auto", "diffusers", "tiny"],
@@ -154,6 +163,7 @@ def settings_from_args(argv: Sequence[str]) -> Settings:
         port=args.port,
         data_dir=args.data_dir,
         public_url=args.public_url,
+        config_file=args.config_file,
         backend=args.backend,
         model=args.model,
         device=args.device,

@@ -17,6 +17,7 @@ class Settings:
     port: int = 8000
     data_dir: Path = Path("kontextd-data")
     public_url: str | None = None
+    config_file: Path | None = None  # TOML routing each endpoint to a backend (see kontextd.routing)
     backend: str = "auto"
     model: str = DEFAULT_MODEL
     device: str = "auto"

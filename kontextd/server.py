@@ -14,11 +14,12 @@ from kontextd.api.app import create_app
 from kontextd.api.auth import Authenticator
 from kontextd.api.queue import RUN_PREFIX
 from kontextd.api.services import Services
-from kontextd.backends import BackendUnavailable, plan_backend
+from kontextd.backends import TINY_MODEL, BackendUnavailable, plan_backend
 from kontextd.config import Settings
 from kontextd.fetch.addresses import AllowList
 from kontextd.fetch.guard import FetchLimits, GuardedFetcher
 from kontextd.jobs.sqlite import DataDirInUse, SQLiteJobStore
+from kontextd.routing import LOCAL, ConfigError, load_routing
 from kontextd.storage.local import LocalStorage
 from kontextd.tls import ensure_self_signed
 from kontextd.webhooks.signing import WebhookSigner
@@ -48,7 +49,14 @@ def serve(settings: Settings) -> None:
         plan = plan_backend(settings.backend, settings.model, settings.device)
     except BackendUnavailable as error:
         sys.exit(f"kontextd: {error}")
-    print(f"kontextd: backend {plan.kind} on {plan.device} ({plan.reason})", flush=True)
+    try:
+        routing = load_routing(settings.config_file, plan.model or TINY_MODEL)
+    except ConfigError as error:
+        sys.exit(f"kontextd: {error}")
+    if LOCAL in routing.lanes():
+        print(f"kontextd: backend {plan.kind} on {plan.device} ({plan.reason})", flush=True)
+    for route in routing.routes.values():
+        print(f"kontextd: {route.app_id} -> {route.backend} ({route.model})", flush=True)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -83,6 +91,7 @@ def serve(settings: Settings) -> None:
             FetchLimits(max_bytes=settings.fetch_max_bytes, timeout_seconds=settings.fetch_timeout),
         ),
         plan=plan,
+        routing=routing,
         instance_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
     )
     if settings.host in ("0.0.0.0", "::") and not settings.public_url:

@@ -110,6 +110,7 @@ def test_server_serves_saved_weights_with_the_diffusers_backend(
                 "backend": "diffusers",
                 "reason": None,
                 "workers": 1,
+                "backends": {"local": "ready"},
             }
             body = {
                 "prompt": "make it blue",
@@ -174,7 +175,12 @@ def store(tmp_path: Path) -> Iterator[SQLiteJobStore]:
 
 def test_out_of_memory_fails_that_request_only(store: SQLiteJobStore, tmp_path: Path) -> None:
     pipeline = RunsOutOfMemoryOnce(build_tiny_pipeline())
-    backend = KontextPipelineBackend(pipeline, name="tiny", resolution_divisor=8)  # type: ignore[arg-type]
+    backend = KontextPipelineBackend(
+        pipeline,  # type: ignore[arg-type]
+        name="tiny",
+        served_by="tiny",
+        resolution_divisor=8,
+    )
     worker = Worker(
         worker_id="w",
         store=store,

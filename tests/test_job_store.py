@@ -140,7 +140,7 @@ def get(store: JobStore, request_id: str) -> Job:
 
 
 def succeeded(keys: tuple[str, ...] = ()) -> Outcome:
-    return outcomes.succeeded({"images": [], "seed": 7, "prompt": "a cat"}, 1.25, keys)
+    return outcomes.succeeded({"images": [], "seed": 7, "prompt": "a cat"}, 1.25, keys, "local/tiny")
 
 
 def invalid() -> Outcome:
@@ -922,8 +922,8 @@ def test_queue_position_reads_one_consistent_snapshot(sqlite_store: SQLiteJobSto
     head = SQLiteJobStore._head
     interfered: list[bool] = []
 
-    def head_then_interfere(connection: Any, priority: int) -> int | None:
-        found = head(connection, priority)
+    def head_then_interfere(connection: Any, lane: str, priority: int) -> int | None:
+        found = head(connection, lane, priority)
         if not interfered:
             interfered.append(True)
             # Another thread claims the head and sweeps (pruning the holes behind the new head).

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 
@@ -15,9 +15,14 @@ from kontextd import __version__
 from kontextd.api.changes import ChangeFeed
 from kontextd.api.middleware import BodyLimit, TargetUrl, TrailingSlash
 from kontextd.api.queue import RUN_PREFIX, build_queue_router
-from kontextd.api.services import Services
+from kontextd.api.services import Readiness, Services
 from kontextd.backends import BackendUnavailable, load_backend
-from kontextd.fetch.images import load_image
+from kontextd.backends.base import Backend
+from kontextd.backends.upstream import UpstreamBackend, build_upstream
+from kontextd.catalogue.endpoints import ENDPOINTS
+from kontextd.fetch.guard import FetchError
+from kontextd.fetch.images import decode_image, load_image
+from kontextd.routing import LOCAL
 from kontextd.webhooks.delivery import WebhookDispatcher
 from kontextd.worker.housekeeping import sweep_forever
 from kontextd.worker.runner import Worker
@@ -37,6 +42,13 @@ Authenticate with `Authorization: Key <key>` or `Bearer <key>` when the server h
 """
 
 
+def _stored_image(services: Services, key: str) -> Image.Image:
+    path = services.storage.path_of(key)
+    if path is None or not path.is_file():
+        raise FetchError("file_download_error", "That output of this server no longer exists (expired?)")
+    return decode_image(path.read_bytes())
+
+
 def create_app(services: Services) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,13 +57,37 @@ def create_app(services: Services) -> FastAPI:
         stop_threads = threading.Event()
         stop_tasks = asyncio.Event()
 
+        own_files = services.settings.base_url + "/files/"
+
         def fetch_image(url: str) -> Image.Image:
+            if url.startswith(own_files):  # one of our outputs, edited again: read it from storage
+                return _stored_image(services, url.removeprefix(own_files))
             # Workers are threads; the guard's HTTP client lives on the event loop.
             return asyncio.run_coroutine_threadsafe(load_image(url, services.fetcher), loop).result(
                 IMAGE_LOAD_TIMEOUT
             )
 
         threads: list[threading.Thread] = []
+        upstreams: list[UpstreamBackend] = []
+
+        def start_workers(lane: str, backend: Backend, count: int) -> None:
+            for index in range(count):
+                worker = Worker(
+                    worker_id=f"{services.instance_id}-{lane}-{index}",
+                    store=services.store,
+                    backend=backend,
+                    lane=lane,
+                    models=lambda app_id: services.routing.route(app_id).model,
+                    storage=services.storage,
+                    load_image=fetch_image,
+                    notify=services.notify,
+                )
+                services.workers.append(worker)
+                thread = threading.Thread(
+                    target=worker.run_forever, args=(stop_threads,), name=f"{lane}-{index}", daemon=True
+                )
+                thread.start()
+                threads.append(thread)
 
         def load_then_work() -> None:
             """Load the model off the event loop; meanwhile requests queue and /health says loading."""
@@ -66,31 +102,35 @@ def create_app(services: Services) -> FastAPI:
                 services.readiness.fail(f"{type(error).__name__}: {error}")
                 log.exception("backend failed to load")
                 return
-            for index in range(services.settings.workers):
-                worker = Worker(
-                    worker_id=f"{services.instance_id}-{index}",
-                    store=services.store,
-                    backend=backend,
-                    storage=services.storage,
-                    load_image=fetch_image,
-                    notify=services.notify,
-                )
-                services.workers.append(worker)
-                thread = threading.Thread(
-                    target=worker.run_forever, args=(stop_threads,), name=f"worker-{index}", daemon=True
-                )
-                thread.start()
-                threads.append(thread)
+            start_workers(LOCAL, backend, services.settings.workers)
             services.readiness.ready(backend.name)
             seconds = round(time.perf_counter() - started, 2)
             log.info(
-                "ready", extra={"workers": len(threads), "backend": backend.name, "load_seconds": seconds}
+                "ready",
+                extra={
+                    "workers": services.settings.workers,
+                    "backend": backend.name,
+                    "load_seconds": seconds,
+                },
             )
 
-        if services.settings.workers > 0:
-            threading.Thread(target=load_then_work, name="backend-loader", daemon=True).start()
-        else:
-            services.readiness.ready(None)  # an API-only node: other processes run the queue
+        lanes = services.routing.lanes() if services.settings.workers > 0 else []
+        for lane in lanes:
+            if lane == LOCAL:
+                services.lanes[LOCAL] = services.readiness
+                threading.Thread(target=load_then_work, name="backend-loader", daemon=True).start()
+                continue
+            config = services.routing.upstreams[lane]
+            upstream = build_upstream(config, services.settings.base_url)
+            upstreams.append(upstream)
+            start_workers(lane, upstream, config.workers)
+            services.lanes[lane] = Readiness()
+            services.lanes[lane].ready(lane)
+            log.info(
+                "upstream ready", extra={"backend": lane, "base_url": config.base_url, "key": str(config.key)}
+            )
+        if LOCAL not in lanes:
+            services.readiness.ready(None)  # no local model to load: an API-only node, or all upstream
         dispatcher = WebhookDispatcher(
             services.store, services.signer, services.fetcher, services.settings.webhook_backoff
         )
@@ -111,6 +151,8 @@ def create_app(services: Services) -> FastAPI:
                 # A generation still running is abandoned: the store re-queues it at the next start.
                 await asyncio.to_thread(thread.join, 5.0)
             await services.fetcher.aclose()
+            for upstream in upstreams:
+                upstream.close()
 
     app = FastAPI(
         title="kontextd",
@@ -128,8 +170,34 @@ def create_app(services: Services) -> FastAPI:
         responses={503: {"description": "Still loading the model, or failed to"}},
     )
     def health() -> JSONResponse:
-        body = services.readiness.describe() | {"workers": len(services.workers)}
+        body = services.readiness.describe() | {
+            "workers": len(services.workers),
+            "backends": {lane: readiness.state for lane, readiness in services.lanes.items()},
+        }
         return JSONResponse(body, status_code=200 if services.readiness.state == "ready" else 503)
+
+    @app.get(
+        "/v1/endpoints",
+        tags=["server"],
+        summary="Each endpoint: the backend and model serving it, and whether that backend is ready",
+        dependencies=[Depends(services.authenticator.dependency())],
+    )
+    def endpoints() -> dict[str, list[dict[str, str | None]]]:
+        listed = []
+        for endpoint in ENDPOINTS:
+            route = services.routing.route(endpoint.app_id)
+            lane = services.lanes.get(route.backend)
+            listed.append(
+                {
+                    "app_id": endpoint.app_id,
+                    "title": endpoint.title,
+                    "backend": route.backend,
+                    "model": route.model,
+                    "status": lane.state if lane else "stopped",  # stopped: no workers in this process
+                    "reason": lane.reason if lane else None,
+                }
+            )
+        return {"endpoints": listed}
 
     @app.get("/.well-known/jwks.json", tags=["server"], summary="Public keys that sign webhooks")
     def jwks() -> dict[str, object]:

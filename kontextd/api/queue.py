@@ -62,6 +62,9 @@ def _outcome_response(job: Job) -> JSONResponse:
     headers = {"x-fal-request-id": job.request_id}
     if job.outcome.error_type:
         headers["X-Fal-Error-Type"] = job.outcome.error_type
+    if job.outcome.served_by:  # which backend and model made it: [pro]/[max] may be served locally
+        headers["x-kontextd-backend"] = job.lane
+        headers["x-kontextd-model"] = job.outcome.served_by
     return JSONResponse(job.outcome.body, status_code=job.outcome.status_code, headers=headers)
 
 
@@ -90,6 +93,7 @@ def build_queue_router(services: Services) -> APIRouter:
             app_id=endpoint.app_id,
             owner=owner,
             input=body.model_dump(mode="json"),
+            lane=services.routing.route(endpoint.app_id).backend,
             priority=Priority.LOW if priority == "low" else Priority.NORMAL,
             start_deadline=time.time() + timeout if timeout else None,
             webhook_url=_webhook(webhook),

@@ -8,6 +8,7 @@ from kontextd.backends import BackendPlan
 from kontextd.config import Settings
 from kontextd.fetch.guard import GuardedFetcher
 from kontextd.jobs.store import JobStore
+from kontextd.routing import Routing
 from kontextd.storage.local import LocalStorage
 from kontextd.webhooks.signing import WebhookSigner
 from kontextd.worker.runner import Worker
@@ -40,7 +41,9 @@ class Services:
     signer: WebhookSigner
     fetcher: GuardedFetcher
     plan: BackendPlan
-    readiness: Readiness = field(default_factory=Readiness)
+    routing: Routing
+    readiness: Readiness = field(default_factory=Readiness)  # the local model's
+    lanes: dict[str, Readiness] = field(default_factory=dict)  # every backend in use, "local" included
     instance_id: str = "kontextd"  # prefixes worker ids so leases name the process that holds them
     workers: list[Worker] = field(default_factory=list)
     feed: ChangeFeed | None = None  # made in the lifespan, once the event loop runs

@@ -10,6 +10,7 @@ from pathlib import Path
 from kontextd.backends.base import Backend
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+TINY_MODEL = "kontextd/tiny-random-flux-kontext"  # how responses name the tiny model
 
 
 class BackendUnavailable(Exception):
@@ -89,10 +90,13 @@ def load_backend(plan: BackendPlan, *, tiny_step_seconds: float = 0.0) -> Backen
         return KontextPipelineBackend(
             build_tiny_pipeline(),
             name="tiny",
+            served_by=TINY_MODEL,
             resolution_divisor=TINY_RESOLUTION_SCALE,
             min_step_seconds=tiny_step_seconds,
         )
     from kontextd.backends.weights import load_pretrained
 
     assert plan.model is not None
-    return KontextPipelineBackend(load_pretrained(plan.model, plan.device), name="diffusers")
+    return KontextPipelineBackend(
+        load_pretrained(plan.model, plan.device), name="diffusers", served_by=plan.model
+    )

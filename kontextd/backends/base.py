@@ -1,5 +1,6 @@
 """The backend interface: a validated request in, images out."""
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,29 +16,98 @@ class GenerationOutOfMemory(Exception):
     """The device ran out of memory for this request; the backend has freed what it could and goes on."""
 
 
+class GenerationRefused(Exception):
+    """The request cannot be served as asked (moderated, out of credits, rejected upstream): the message
+    is what the client reads; `error_type` and `status_code` are fal's for that kind of refusal."""
+
+    def __init__(self, message: str, error_type: str, status_code: int = 422) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+        self.status_code = status_code
+
+
+class ImageInput:
+    """The image to edit: its URL as the client gave it, decoded only when a backend asks for pixels.
+
+    Upstream backends may hand a reachable URL on without downloading it; local ones call `load()`.
+    """
+
+    def __init__(self, url: str, loader: Callable[[str], Image.Image]) -> None:
+        self.url = url
+        self._loader = loader
+        self._image: Image.Image | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> Image.Image:
+        """The decoded RGB image (fetched once); raises FetchError when it cannot be had."""
+        with self._lock:
+            if self._image is None:
+                self._image = self._loader(self.url)
+            return self._image
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     prompt: str
-    image: Image.Image | None  # the image to edit; None for text-to-image
-    size: tuple[int, int]  # (width, height) from the Kontext resolution table
+    image: ImageInput | None  # the image to edit; None for text-to-image
+    aspect_ratio: str | None  # as asked; None: follow the input image
     num_images: int
     seed: int
     guidance_scale: float
     num_inference_steps: int
+    output_format: str  # "jpeg" or "png"
+    safety_tolerance: int | None = None  # 1 (strict) .. 6; None where the endpoint has no such field
+    enhance_prompt: bool = False
+    acceleration: str = "none"
+    model: str | None = None  # the routed model, for backends serving several (upstream APIs)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image already in its final encoding (an upstream's file), stored as is rather than re-encoded."""
+
+    data: bytes
+    content_type: str
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
 class Generated:
-    images: list[Image.Image]
+    images: list[Image.Image | EncodedImage]
     has_nsfw_concepts: list[bool]
     inference_seconds: float
+    served_by: str = ""  # the model that made the images, as the response header names it
 
 
-# Called after each denoising step with (step, total); may raise GenerationCancelled.
-StepCallback = Callable[[int, int], None]
+class Progress(Protocol):
+    """How a backend reports on a running request, and learns that it was cancelled."""
+
+    def step(self, step: int, total: int) -> None:
+        """After each denoising step; raises GenerationCancelled when the client cancelled."""
+
+    def log(self, message: str) -> None:
+        """A line for the request's logs (queue position upstream, retries, …)."""
+
+    def cancelled(self) -> bool:
+        """True once the client asked to cancel: stop and raise GenerationCancelled."""
 
 
 class Backend(Protocol):
     name: str
 
-    def generate(self, job: GenerationJob, on_step: StepCallback) -> Generated: ...
+    def generate(self, job: GenerationJob, progress: Progress) -> Generated: ...
+
+
+class QuietProgress:
+    """Progress for work no client watches: warm-up runs and benchmarks."""
+
+    def step(self, step: int, total: int) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False

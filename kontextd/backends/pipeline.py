@@ -7,8 +7,8 @@ import torch
 from diffusers import FluxKontextPipeline
 from PIL import Image
 
-from kontextd.backends.base import Generated, GenerationJob, GenerationOutOfMemory, StepCallback
-from kontextd.catalogue.resolutions import scaled
+from kontextd.backends.base import Generated, GenerationJob, GenerationOutOfMemory, Progress
+from kontextd.catalogue.resolutions import output_size, scaled
 
 SEED_MODULUS = 2**63  # torch generators take seeds below 2**64; fold any integer a client sends into range
 
@@ -19,10 +19,12 @@ class KontextPipelineBackend:
         pipeline: FluxKontextPipeline,
         *,
         name: str,
+        served_by: str,
         resolution_divisor: int = 1,
         min_step_seconds: float = 0.0,
     ) -> None:
         self.name = name
+        self.served_by = served_by
         self._pipeline = pipeline
         self._resolution_divisor = resolution_divisor
         self._min_step_seconds = min_step_seconds
@@ -34,12 +36,13 @@ class KontextPipelineBackend:
             return size
         return scaled(size, self._resolution_divisor, self._multiple)
 
-    def generate(self, job: GenerationJob, on_step: StepCallback) -> Generated:
-        width, height = self.output_size(job.size)
+    def generate(self, job: GenerationJob, progress: Progress) -> Generated:
+        source = job.image.load() if job.image is not None else None
+        width, height = self.output_size(output_size(job.aspect_ratio, source.size if source else None))
         image = None
-        if job.image is not None:
+        if source is not None:
             # We choose the size from the table ourselves, so the pipeline must not resize again.
-            image = job.image.resize((width, height), Image.Resampling.LANCZOS)
+            image = source.resize((width, height), Image.Resampling.LANCZOS)
         generator = torch.Generator(device=self._pipeline.device).manual_seed(job.seed % SEED_MODULUS)
         step_started = time.perf_counter()
 
@@ -48,7 +51,7 @@ class KontextPipelineBackend:
             remaining = self._min_step_seconds - (time.perf_counter() - step_started)
             if remaining > 0:
                 time.sleep(remaining)
-            on_step(step + 1, job.num_inference_steps)
+            progress.step(step + 1, job.num_inference_steps)
             step_started = time.perf_counter()
             return tensors
 
@@ -78,4 +81,5 @@ class KontextPipelineBackend:
             images=list(result.images),
             has_nsfw_concepts=[False] * len(result.images),
             inference_seconds=time.perf_counter() - started,
+            served_by=self.served_by,
         )

@@ -20,6 +20,7 @@ class Endpoint:
     title: str
     description: str
     input_model: type[BaseModel]
+    family: str  # "pro", "max" or "dev": which FLUX.1 Kontext model the endpoint stands for
 
 
 ENDPOINTS: tuple[Endpoint, ...] = (
@@ -28,30 +29,35 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "FLUX.1 Kontext [pro] text to image",
         "Generate images from a text prompt with FLUX.1 Kontext [pro].",
         ProTextToImageInput,
+        "pro",
     ),
     Endpoint(
         "fal-ai/flux-pro/kontext",
         "FLUX.1 Kontext [pro] edit",
         "Edit an image from a text instruction with FLUX.1 Kontext [pro].",
         ProEditInput,
+        "pro",
     ),
     Endpoint(
         "fal-ai/flux-pro/kontext/max/text-to-image",
         "FLUX.1 Kontext [max] text to image",
         "Generate images from a text prompt with FLUX.1 Kontext [max], the strongest prompt adherence.",
         ProTextToImageInput,
+        "max",
     ),
     Endpoint(
         "fal-ai/flux-pro/kontext/max",
         "FLUX.1 Kontext [max] edit",
         "Edit an image from a text instruction with FLUX.1 Kontext [max].",
         MaxEditInput,
+        "max",
     ),
     Endpoint(
         "fal-ai/flux-kontext/dev",
         "FLUX.1 Kontext [dev] edit",
         "Edit an image with the open-weights FLUX.1 Kontext [dev] model.",
         DevEditInput,
+        "dev",
     ),
 )
 
@@ -71,6 +77,9 @@ class GenerationParams:
     num_inference_steps: int
     output_format: str
     sync_mode: bool
+    safety_tolerance: int | None  # None where the endpoint has no such field
+    enhance_prompt: bool
+    acceleration: str
 
 
 def generation_params(request: BaseModel) -> GenerationParams:
@@ -88,4 +97,7 @@ def generation_params(request: BaseModel) -> GenerationParams:
         num_inference_steps=fields.get("num_inference_steps", DEFAULT_STEPS),
         output_format=fields["output_format"],
         sync_mode=fields["sync_mode"],
+        safety_tolerance=int(fields["safety_tolerance"]) if "safety_tolerance" in fields else None,
+        enhance_prompt=fields.get("enhance_prompt", False),
+        acceleration=fields.get("acceleration", "none"),
     )

@@ -33,6 +33,7 @@ class NewJob:
     app_id: str
     owner: str
     input: dict[str, Any]
+    lane: str = "local"  # the backend whose workers run it (see kontextd.routing)
     priority: Priority = Priority.NORMAL
     start_deadline: float | None = None  # unix time by which the request must have started
     webhook_url: str | None = None
@@ -50,6 +51,7 @@ class Outcome:
     error_type: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     output_keys: tuple[str, ...] = ()  # stored files that expire with the request
+    served_by: str | None = None  # the model that made the output: the x-kontextd-model header
 
     @property
     def ok(self) -> bool:
@@ -62,6 +64,7 @@ class Job:
     gateway_request_id: str
     app_id: str
     owner: str
+    lane: str
     input: dict[str, Any]
     state: State
     priority: Priority

@@ -6,10 +6,22 @@ from typing import Any
 from kontextd.jobs.model import Outcome
 
 
-def succeeded(output: dict[str, Any], inference_seconds: float, output_keys: tuple[str, ...]) -> Outcome:
+def succeeded(
+    output: dict[str, Any], inference_seconds: float, output_keys: tuple[str, ...], served_by: str
+) -> Outcome:
     return Outcome(
-        200, output, metrics={"inference_time": round(inference_seconds, 4)}, output_keys=output_keys
+        200,
+        output,
+        metrics={"inference_time": round(inference_seconds, 4)},
+        output_keys=output_keys,
+        served_by=served_by,
     )
+
+
+def refused(message: str, error_type: str, status_code: int, location: str = "body") -> Outcome:
+    """A request the model or its provider would not serve: moderated, out of credits, rejected."""
+    detail = [{"loc": [location], "msg": message, "type": error_type}]
+    return Outcome(status_code, {"detail": detail}, error=message, error_type=error_type)
 
 
 def invalid_input(detail: list[dict[str, Any]], message: str) -> Outcome:

@@ -1,8 +1,9 @@
 """The embedded job store: one SQLite file in WAL mode, owned by one server process.
 
-Queue positions are exact without counting the queue: each priority level hands out dense tickets, and a
-job's position is its distance from the head of its level, minus the jobs that left out of order
-("holes"), plus the length of the levels ahead of it. Every lookup is an index seek.
+Each backend (the local model, an upstream API) has its own queue lane, served by its own workers.
+Queue positions are exact without counting the queue: each priority level of a lane hands out dense
+tickets, and a job's position is its distance from the head of its level, minus the jobs that left out of
+order ("holes"), plus the length of the lane's levels ahead of it. Every lookup is an index seek.
 """
 
 import contextlib
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     gateway_request_id TEXT NOT NULL,
     app_id TEXT NOT NULL,
     owner TEXT NOT NULL,
+    lane TEXT NOT NULL,  -- the backend whose workers run it
     input_json TEXT NOT NULL,
     state TEXT NOT NULL,
     priority INTEGER NOT NULL,
@@ -54,15 +56,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     expires_at REAL,
     output_expired INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(priority, ticket) WHERE state = 'IN_QUEUE';
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(lane, priority, ticket) WHERE state = 'IN_QUEUE';
 CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs(start_deadline)
     WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs(lease_expires_at) WHERE state = 'IN_PROGRESS';
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs(expires_at)
     WHERE output_expired = 0 AND expires_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS queue_tickets (priority INTEGER PRIMARY KEY, next_ticket INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS queue_tickets (
+    lane TEXT NOT NULL, priority INTEGER NOT NULL, next_ticket INTEGER NOT NULL, PRIMARY KEY (lane, priority)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS queue_holes (
-    priority INTEGER NOT NULL, ticket INTEGER NOT NULL, PRIMARY KEY (priority, ticket)
+    lane TEXT NOT NULL, priority INTEGER NOT NULL, ticket INTEGER NOT NULL,
+    PRIMARY KEY (lane, priority, ticket)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS job_logs (
     request_id TEXT NOT NULL, seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -138,41 +143,43 @@ class SQLiteJobStore:
     # -- queue arithmetic ------------------------------------------------------------------------
 
     @staticmethod
-    def _head(connection: sqlite3.Connection, priority: int) -> int | None:
+    def _head(connection: sqlite3.Connection, lane: str, priority: int) -> int | None:
         row = connection.execute(
-            "SELECT min(ticket) FROM jobs WHERE state = 'IN_QUEUE' AND priority = ?", (priority,)
+            "SELECT min(ticket) FROM jobs WHERE state = 'IN_QUEUE' AND lane = ? AND priority = ?",
+            (lane, priority),
         ).fetchone()
         return row[0]
 
     @staticmethod
-    def _holes_between(connection: sqlite3.Connection, priority: int, low: int, high: int) -> int:
+    def _holes_between(connection: sqlite3.Connection, lane: str, priority: int, low: int, high: int) -> int:
         return connection.execute(
-            "SELECT count(*) FROM queue_holes WHERE priority = ? AND ticket > ? AND ticket < ?",
-            (priority, low, high),
+            "SELECT count(*) FROM queue_holes WHERE lane = ? AND priority = ? AND ticket > ? AND ticket < ?",
+            (lane, priority, low, high),
         ).fetchone()[0]
 
-    def _queued_before(self, connection: sqlite3.Connection, priority: int, ticket: int) -> int:
-        head = self._head(connection, priority)
+    def _queued_before(self, connection: sqlite3.Connection, lane: str, priority: int, ticket: int) -> int:
+        head = self._head(connection, lane, priority)
         if head is None or head >= ticket:
             return 0
-        return (ticket - head) - self._holes_between(connection, priority, head, ticket)
+        return (ticket - head) - self._holes_between(connection, lane, priority, head, ticket)
 
-    def _position(self, connection: sqlite3.Connection, priority: int, ticket: int) -> int:
-        ahead = self._queued_before(connection, priority, ticket)
+    def _position(self, connection: sqlite3.Connection, lane: str, priority: int, ticket: int) -> int:
+        ahead = self._queued_before(connection, lane, priority, ticket)
         for level in range(Priority.RETRY, priority):
             row = connection.execute(
-                "SELECT next_ticket FROM queue_tickets WHERE priority = ?", (level,)
+                "SELECT next_ticket FROM queue_tickets WHERE lane = ? AND priority = ?", (lane, level)
             ).fetchone()
             if row is not None:
-                ahead += self._queued_before(connection, level, row[0])
+                ahead += self._queued_before(connection, lane, level, row[0])
         return ahead
 
     @staticmethod
-    def _enqueue(connection: sqlite3.Connection, request_id: str, priority: int) -> int:
+    def _enqueue(connection: sqlite3.Connection, request_id: str, lane: str, priority: int) -> int:
         ticket = connection.execute(
-            "INSERT INTO queue_tickets (priority, next_ticket) VALUES (?, 1) "
-            "ON CONFLICT (priority) DO UPDATE SET next_ticket = next_ticket + 1 RETURNING next_ticket - 1",
-            (priority,),
+            "INSERT INTO queue_tickets (lane, priority, next_ticket) VALUES (?, ?, 1) "
+            "ON CONFLICT (lane, priority) DO UPDATE SET next_ticket = next_ticket + 1"
+            " RETURNING next_ticket - 1",
+            (lane, priority),
         ).fetchone()[0]
         ticket = ticket if ticket else 0
         connection.execute(
@@ -182,9 +189,10 @@ class SQLiteJobStore:
         return ticket
 
     @staticmethod
-    def _leave_queue(connection: sqlite3.Connection, priority: int, ticket: int) -> None:
+    def _leave_queue(connection: sqlite3.Connection, row: sqlite3.Row) -> None:
         connection.execute(
-            "INSERT OR IGNORE INTO queue_holes (priority, ticket) VALUES (?, ?)", (priority, ticket)
+            "INSERT OR IGNORE INTO queue_holes (lane, priority, ticket) VALUES (?, ?, ?)",
+            (row["lane"], row["priority"], row["ticket"]),
         )
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -192,14 +200,15 @@ class SQLiteJobStore:
     def submit(self, job: NewJob) -> int:
         with self._write() as connection:
             connection.execute(
-                "INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, input_json, state,"
+                "INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, lane, input_json, state,"
                 " priority, ticket, created_at, start_deadline, no_retry, webhook_url, output_ttl)"
-                " VALUES (?, ?, ?, ?, ?, 'IN_QUEUE', ?, 0, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, 'IN_QUEUE', ?, 0, ?, ?, ?, ?, ?)",
                 (
                     job.request_id,
                     job.gateway_request_id,
                     job.app_id,
                     job.owner,
+                    job.lane,
                     json.dumps(job.input),
                     int(job.priority),
                     time.time(),
@@ -209,8 +218,8 @@ class SQLiteJobStore:
                     job.output_ttl_seconds,
                 ),
             )
-            ticket = self._enqueue(connection, job.request_id, int(job.priority))
-            return self._position(connection, int(job.priority), ticket)
+            ticket = self._enqueue(connection, job.request_id, job.lane, int(job.priority))
+            return self._position(connection, job.lane, int(job.priority), ticket)
 
     def get(self, request_id: str, owner: str | None = None) -> Job | None:
         row = self._connection().execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
@@ -246,26 +255,27 @@ class SQLiteJobStore:
         connection.execute("BEGIN")  # one snapshot: the reads below must not straddle another commit
         try:
             row = connection.execute(
-                "SELECT priority, ticket, state FROM jobs WHERE request_id = ?", (request_id,)
+                "SELECT lane, priority, ticket, state FROM jobs WHERE request_id = ?", (request_id,)
             ).fetchone()
             if row is None or row["state"] != State.IN_QUEUE:
                 return None
-            return self._position(connection, row["priority"], row["ticket"])
+            return self._position(connection, row["lane"], row["priority"], row["ticket"])
         finally:
             connection.execute("COMMIT")
 
-    def claim(self, worker_id: str, lease_seconds: float, now: float) -> Job | None:
+    def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
         with self._write() as connection:
             while True:
                 # Only what deciding and timing out need: the input, possibly megabytes, is read once below.
                 row = connection.execute(
-                    "SELECT request_id, gateway_request_id, owner, priority, ticket, start_deadline,"
-                    " webhook_url, output_ttl FROM jobs WHERE state = 'IN_QUEUE'"
-                    " ORDER BY priority, ticket LIMIT 1"
+                    "SELECT request_id, gateway_request_id, owner, lane, priority, ticket, start_deadline,"
+                    " webhook_url, output_ttl FROM jobs WHERE state = 'IN_QUEUE' AND lane = ?"
+                    " ORDER BY priority, ticket LIMIT 1",
+                    (lane,),
                 ).fetchone()
                 if row is None:
                     return None
-                self._leave_queue(connection, row["priority"], row["ticket"])
+                self._leave_queue(connection, row)
                 if row["start_deadline"] is not None and row["start_deadline"] < now:
                     self._finish(connection, row, outcomes.timed_out(), now)
                     continue
@@ -293,7 +303,7 @@ class SQLiteJobStore:
             if worker_id is not None and (row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id):
                 return False
             if row["state"] == State.IN_QUEUE:
-                self._leave_queue(connection, row["priority"], row["ticket"])
+                self._leave_queue(connection, row)
             self._finish(connection, row, outcome, now)
             return True
 
@@ -332,7 +342,7 @@ class SQLiteJobStore:
             if row["state"] == State.COMPLETED:
                 return CancelResult.ALREADY_COMPLETED
             if row["state"] == State.IN_QUEUE:
-                self._leave_queue(connection, row["priority"], row["ticket"])
+                self._leave_queue(connection, row)
                 self._finish(connection, row, outcomes.cancelled(), now)
                 return CancelResult.CANCELLED
             connection.execute("UPDATE jobs SET cancel_requested = 1 WHERE request_id = ?", (request_id,))
@@ -371,19 +381,22 @@ class SQLiteJobStore:
                 (now,),
             ).fetchall()
             for row in rows:
-                self._leave_queue(connection, row["priority"], row["ticket"])
+                self._leave_queue(connection, row)
                 self._finish(connection, row, outcomes.timed_out(), now)
             self._prune_holes(connection)
             return len(rows)
 
     def _prune_holes(self, connection: sqlite3.Connection) -> None:
-        for (priority,) in connection.execute("SELECT priority FROM queue_tickets").fetchall():
-            head = self._head(connection, priority)
+        for lane, priority in connection.execute("SELECT lane, priority FROM queue_tickets").fetchall():
+            head = self._head(connection, lane, priority)
             if head is None:
-                connection.execute("DELETE FROM queue_holes WHERE priority = ?", (priority,))
+                connection.execute(
+                    "DELETE FROM queue_holes WHERE lane = ? AND priority = ?", (lane, priority)
+                )
             else:
                 connection.execute(
-                    "DELETE FROM queue_holes WHERE priority = ? AND ticket < ?", (priority, head)
+                    "DELETE FROM queue_holes WHERE lane = ? AND priority = ? AND ticket < ?",
+                    (lane, priority, head),
                 )
 
     def recover_abandoned(self, now: float) -> int:
@@ -424,7 +437,7 @@ class SQLiteJobStore:
                 " start_deadline = NULL WHERE request_id = ?",
                 (row["request_id"],),
             )
-            self._enqueue(connection, row["request_id"], Priority.RETRY)
+            self._enqueue(connection, row["request_id"], row["lane"], Priority.RETRY)
             connection.execute(
                 "INSERT INTO job_logs (request_id, timestamp, level, message) VALUES (?, ?, 'WARN', ?)",
                 (row["request_id"], now, "The worker running this request stopped; it was queued again"),
@@ -484,6 +497,7 @@ def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
         "error_type": outcome.error_type,
         "metrics": outcome.metrics,
         "output_keys": list(outcome.output_keys),
+        "served_by": outcome.served_by,
     }
 
 
@@ -498,12 +512,14 @@ def _job(row: sqlite3.Row) -> Job:
             error_type=fields["error_type"],
             metrics=fields["metrics"],
             output_keys=tuple(fields["output_keys"]),
+            served_by=fields.get("served_by"),
         )
     return Job(
         request_id=row["request_id"],
         gateway_request_id=row["gateway_request_id"],
         app_id=row["app_id"],
         owner=row["owner"],
+        lane=row["lane"],
         input=json.loads(row["input_json"]),
         state=State(row["state"]),
         priority=Priority(row["priority"]),

@@ -24,9 +24,9 @@ class JobStore(Protocol):
     def queue_position(self, request_id: str) -> int | None:
         """How many queued jobs run before this one; None when it is not queued. Never scans the queue."""
 
-    def claim(self, worker_id: str, lease_seconds: float, now: float) -> Job | None:
-        """Take the next job to run and mark it IN_PROGRESS under a lease. Jobs whose start deadline passed
-        are completed as timed out on the way."""
+    def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
+        """Take the next job of `lane` to run and mark it IN_PROGRESS under a lease. Jobs whose start
+        deadline passed are completed as timed out on the way."""
 
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
         """Extend a running job's lease; False when the job is no longer this worker's."""

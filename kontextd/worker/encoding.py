@@ -6,6 +6,7 @@ import io
 from PIL import Image
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+EXTENSIONS = {"image/jpeg": "jpeg", "image/png": "png", "image/webp": "webp"}
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:
@@ -17,5 +18,5 @@ def encode_image(image: Image.Image, output_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def data_uri(data: bytes, output_format: str) -> str:
-    return f"data:{CONTENT_TYPES[output_format]};base64,{base64.b64encode(data).decode()}"
+def data_uri(data: bytes, content_type: str) -> str:
+    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"

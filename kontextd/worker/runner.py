@@ -10,19 +10,21 @@ from PIL import Image
 
 from kontextd.backends.base import (
     Backend,
+    EncodedImage,
     Generated,
     GenerationCancelled,
     GenerationJob,
     GenerationOutOfMemory,
+    GenerationRefused,
+    ImageInput,
 )
 from kontextd.catalogue.endpoints import BY_APP_ID, GenerationParams, generation_params
-from kontextd.catalogue.resolutions import output_size
 from kontextd.fetch.guard import FetchError
 from kontextd.jobs import outcomes
 from kontextd.jobs.model import Job, Outcome
 from kontextd.jobs.store import JobStore
 from kontextd.storage.base import Storage
-from kontextd.worker.encoding import CONTENT_TYPES, data_uri, encode_image
+from kontextd.worker.encoding import CONTENT_TYPES, EXTENSIONS, data_uri, encode_image
 
 log = logging.getLogger("kontextd.worker")
 
@@ -36,6 +38,8 @@ class Worker:
         worker_id: str,
         store: JobStore,
         backend: Backend,
+        lane: str = "local",
+        models: Callable[[str], str] = lambda app_id: "",
         storage: Storage,
         load_image: ImageLoader,
         notify: Callable[[str], None],
@@ -44,6 +48,8 @@ class Worker:
         self.worker_id = worker_id
         self._store = store
         self._backend = backend
+        self._lane = lane
+        self._models = models  # app id -> the model its route names, for backends serving several
         self._storage = storage
         self._load_image = load_image
         self._notify = notify
@@ -53,7 +59,7 @@ class Worker:
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                job = self._store.claim(self.worker_id, self._lease_seconds, time.time())
+                job = self._store.claim(self.worker_id, self._lease_seconds, time.time(), self._lane)
                 if job is not None:
                     self._notify(job.request_id)
                     self.run(job)
@@ -76,6 +82,10 @@ class Worker:
         except GenerationOutOfMemory as error:  # this request only: the worker and its model carry on
             log.warning("out of memory", extra={"request_id": job.request_id})
             outcome = outcomes.internal_error(str(error))
+        except GenerationRefused as error:
+            outcome = outcomes.refused(error.message, error.error_type, error.status_code)
+        except FetchError as error:  # the input image, fetched when the backend first needed it
+            outcome = _image_error(error, job.input.get("image_url", ""))
         except Exception as error:  # one bad request must not take the worker down
             log.exception("request failed", extra={"request_id": job.request_id})
             outcome = outcomes.internal_error(f"Generation failed: {type(error).__name__}: {error}")
@@ -103,46 +113,52 @@ class Worker:
         params = generation_params(endpoint.input_model.model_validate(job.input))
         image = None
         if params.image_url is not None:
-            self._log(job.request_id, "Loading the input image")
-            try:
-                image = self._load_image(params.image_url)
-            except FetchError as error:
-                return _image_error(error, params.image_url)
+            image = ImageInput(params.image_url, self._load_image_logged(job.request_id))
         seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
         generation = GenerationJob(
             prompt=params.prompt,
             image=image,
-            size=output_size(params.aspect_ratio, image.size if image else None),
+            aspect_ratio=params.aspect_ratio,
             num_images=params.num_images,
             seed=seed,
             guidance_scale=params.guidance_scale,
             num_inference_steps=params.num_inference_steps,
+            output_format=params.output_format,
+            safety_tolerance=params.safety_tolerance,
+            enhance_prompt=params.enhance_prompt,
+            acceleration=params.acceleration,
+            model=self._models(job.app_id) or None,
         )
-        generated = self._backend.generate(generation, self._step_reporter(job.request_id))
+        generated = self._backend.generate(generation, RequestProgress(self, job.request_id))
         return self._store_images(job, params, seed, generated)
+
+    def _load_image_logged(self, request_id: str) -> ImageLoader:
+        def load(url: str) -> Image.Image:
+            self._log(request_id, "Loading the input image")
+            return self._load_image(url)
+
+        return load
 
     def _keep_lease(self, request_id: str, finished: threading.Event) -> None:
         """Renew the lease while the request runs, however long a fetch or a step takes."""
         while not finished.wait(self._lease_seconds / 3):
             self._store.renew_lease(request_id, self.worker_id, self._lease_seconds, time.time())
 
-    def _step_reporter(self, request_id: str) -> Callable[[int, int], None]:
-        def on_step(step: int, total: int) -> None:
-            self._log(request_id, f"step {step}/{total}")
-            if self._store.cancel_requested(request_id):
-                raise GenerationCancelled
-
-        return on_step
-
     def _store_images(self, job: Job, params: GenerationParams, seed: int, generated: Generated) -> Outcome:
-        content_type = CONTENT_TYPES[params.output_format]
         described, keys = [], []
         for index, image in enumerate(generated.images):
-            data = encode_image(image, params.output_format)
-            if params.sync_mode:
-                url = data_uri(data, params.output_format)
+            if isinstance(image, EncodedImage):  # an upstream's file: stored as it came, not re-encoded
+                data, content_type = image.data, image.content_type
             else:
-                key = f"{job.request_id}/{index}.{params.output_format}"
+                data, content_type = (
+                    encode_image(image, params.output_format),
+                    CONTENT_TYPES[params.output_format],
+                )
+            extension = EXTENSIONS.get(content_type, params.output_format)
+            if params.sync_mode:
+                url = data_uri(data, content_type)
+            else:
+                key = f"{job.request_id}/{index}.{extension}"
                 url = self._storage.put(key, data, content_type)
                 keys.append(key)
             described.append(
@@ -155,11 +171,30 @@ class Worker:
             "has_nsfw_concepts": generated.has_nsfw_concepts,
             "prompt": params.prompt,
         }
-        return outcomes.succeeded(output, generated.inference_seconds, tuple(keys))
+        return outcomes.succeeded(output, generated.inference_seconds, tuple(keys), generated.served_by)
 
     def _log(self, request_id: str, message: str, level: str = "INFO") -> None:
         self._store.append_log(request_id, message, level, time.time())
         self._notify(request_id)
+
+
+class RequestProgress:
+    """A running request's progress: step and log lines into its logs; cancellation read from the store."""
+
+    def __init__(self, worker: Worker, request_id: str) -> None:
+        self._worker = worker
+        self._request_id = request_id
+
+    def step(self, step: int, total: int) -> None:
+        self.log(f"step {step}/{total}")
+        if self.cancelled():
+            raise GenerationCancelled
+
+    def log(self, message: str) -> None:
+        self._worker._log(self._request_id, message)
+
+    def cancelled(self) -> bool:
+        return self._worker._store.cancel_requested(self._request_id)
 
 
 def _image_error(error: FetchError, url: str) -> Outcome:
