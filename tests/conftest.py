@@ -20,6 +20,18 @@ import pytest
 from PIL import Image
 
 STARTUP_SECONDS = 90
+UPSTREAM_VARIABLES = frozenset(
+    {
+        "BFL_API_KEY",
+        "KONTEXTD_BFL_API_KEY",
+        "BFL_API_KEY_FILE",
+        "KONTEXTD_BFL_BASE_URL",
+        "KONTEXTD_FAL_KEY",
+        "KONTEXTD_FAL_KEY_FILE",
+        "KONTEXTD_FAL_BASE_URL",
+        "KONTEXTD_CONFIG",
+    }
+)
 
 
 def free_port() -> int:
@@ -69,7 +81,9 @@ class KontextdServer:
 
     def start(self, until: str = "ready") -> "KontextdServer":
         """Start and wait until /health says `until` ("ready", or "failed" for tests of a failed load)."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
+        # Upstream keys from the machine must never route a test's requests off loopback.
+        inherited = {name: value for name, value in os.environ.items() if name not in UPSTREAM_VARIABLES}
+        env = {**inherited, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
         self.output = []
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
