@@ -126,6 +126,13 @@ def test_missing_or_wrong_key_is_401(
     assert ALPHA not in detail
 
 
+def test_endpoint_listing_needs_a_key(keyed: KontextdServer) -> None:
+    with keyed.client() as http:
+        assert http.get("/v1/endpoints").status_code == 401
+        listed = http.get("/v1/endpoints", headers=auth(f"Key {ALPHA}"))
+        assert listed.status_code == 200 and len(listed.json()["endpoints"]) == 5
+
+
 def submit_and_cancel(server: KontextdServer, submit_with: str, follow_with: str) -> dict[str, Any]:
     """Submit, look, cancel and see it end, switching between two spellings of a key: cheap proof it works."""
     request_id = submit(server, submit_with)["request_id"]

@@ -279,6 +279,27 @@ def test_queue_position_across_levels(store: JobStore) -> None:
     assert positions(store, low) == [0, None, 1]
 
 
+def test_each_lane_is_its_own_queue(store: JobStore) -> None:
+    """A backend's workers take only their lane's jobs; positions count only the jobs they wait behind."""
+    now = time.time()
+    assert store.submit(new_job("local-1")) == 0
+    assert store.submit(new_job("bfl-1", lane="bfl")) == 0
+    assert store.submit(new_job("local-2")) == 1
+    assert store.submit(new_job("bfl-2", lane="bfl", priority=Priority.LOW)) == 1
+    assert store.submit(new_job("bfl-3", lane="bfl")) == 1  # normal runs before low, in its lane
+    assert store.claim("upstream", LEASE, now, "fal") is None
+    job = store.claim("upstream", LEASE, now, "bfl")
+    assert job is not None and (job.request_id, job.lane) == ("bfl-1", "bfl")
+    assert [store.queue_position(name) for name in ("local-1", "local-2", "bfl-3", "bfl-2")] == [0, 1, 0, 1]
+    assert claimed_ids(store, now) == ["local-1", "local-2"]  # the default lane is the local model's
+    assert store.queue_position("bfl-2") == 1
+    for name in ("local-1", "local-2"):
+        assert store.complete(name, succeeded(), now, worker_id="worker-a") is True
+    # A job whose worker died goes back to the head of its own lane.
+    assert store.recover_abandoned(now + LEASE + 1) == 1
+    assert [store.queue_position(name) for name in ("bfl-1", "bfl-3", "bfl-2")] == [0, 1, 2]
+
+
 def test_queue_position_is_none_for_unknown_running_and_completed_jobs(store: JobStore) -> None:
     now = time.time()
     submit_all(store, ["a", "b"])
@@ -292,18 +313,21 @@ class _Modelled:
     priority: Priority
     seq: int
     deadline: float | None
+    lane: str = "local"
     attempts: int = 0
     cancel_requested: bool = False
     lease_expires_at: float = 0.0
 
 
 STEPS = 500
+LANES = ("local", "bfl")
 
 
 def test_queue_positions_match_a_brute_force_model(store: JobStore) -> None:
     """Random submits (random priority, some with start deadlines), claims, cancels, completions, lease
     recoveries and deadline sweeps; after every operation each queued job's position must equal its index
-    in the queued jobs sorted by (priority, order of entering the queue)."""
+    in the queued jobs of its lane sorted by (priority, order of entering the queue). Two lanes (backends)
+    share the store, each claimed by its own workers."""
     rng = random.Random(1234)
     base = time.time()
     queued: dict[str, _Modelled] = {}
@@ -312,11 +336,12 @@ def test_queue_positions_match_a_brute_force_model(store: JobStore) -> None:
     seq = 0
     counter = 0
 
-    def order() -> list[str]:
-        return sorted(queued, key=lambda name: (queued[name].priority, queued[name].seq))
+    def order(lane: str) -> list[str]:
+        in_lane = [name for name in queued if queued[name].lane == lane]
+        return sorted(in_lane, key=lambda name: (queued[name].priority, queued[name].seq))
 
     def check(step: int, operation: str, seen_finished: int) -> None:
-        expected = {name: index for index, name in enumerate(order())}
+        expected = {name: index for lane in LANES for index, name in enumerate(order(lane))}
         every = step % 50 == 0 or step == STEPS - 1  # finished jobs stay finished: re-read them now and then
         ended = list(finished)[0 if every else seen_finished :]
         for name in [*queued, *running, *ended]:
@@ -343,16 +368,18 @@ def test_queue_positions_match_a_brute_force_model(store: JobStore) -> None:
                 [Priority.RETRY, Priority.NORMAL, Priority.NORMAL, Priority.LOW, Priority.LOW]
             )
             deadline = now + rng.randint(1, 40) + 0.5 if rng.random() < 0.25 else None
-            position = store.submit(new_job(name, priority=priority, start_deadline=deadline))
+            lane = rng.choice(LANES)
+            position = store.submit(new_job(name, priority=priority, start_deadline=deadline, lane=lane))
             seq += 1
-            queued[name] = _Modelled(priority, seq, deadline)
-            assert position == order().index(name), (step, operation)
+            queued[name] = _Modelled(priority, seq, deadline, lane)
+            assert position == order(lane).index(name), (step, operation)
         elif operation == "claim":
             # Later claims get earlier-lapsing leases, so the job most recently (re)started is the one
             # the next lease sweep recovers: some jobs die again and again until MAX_ATTEMPTS.
             lease = 1_000_000.0 - 2 * step
+            lane = rng.choice(LANES)
             expected_claim = None
-            for name in order():
+            for name in order(lane):
                 item = queued.pop(name)
                 if item.deadline is not None and item.deadline < now:
                     finished[name] = "request_timeout"
@@ -362,8 +389,9 @@ def test_queue_positions_match_a_brute_force_model(store: JobStore) -> None:
                 running[name] = item
                 expected_claim = name
                 break
-            job = store.claim("worker-a", lease, now)
+            job = store.claim("worker-a", lease, now, lane)
             assert (job.request_id if job else None) == expected_claim, (step, operation)
+            assert job is None or job.lane == lane
         elif operation == "cancel_queued" and queued:
             name = rng.choice(sorted(queued))
             assert store.cancel(name, "alice", now) is CancelResult.CANCELLED

@@ -351,6 +351,33 @@ def test_output_and_image_files(
     assert response.headers["content-type"] == content_type
     assert decoded.format == pillow_format
     assert decoded.size == (128, 128)
+    # With no upstream key the [pro] endpoint runs on the local model, and the response says so.
+    assert result.headers["x-kontextd-backend"] == "local"
+    assert result.headers["x-kontextd-model"] == "kontextd/tiny-random-flux-kontext"
+
+
+def test_an_output_url_can_be_edited_again(fal: Fal, server: KontextdServer) -> None:
+    """Chained edits: our own /files/ URL is read from storage, not fetched (loopback is refused)."""
+    first = fal.output(fal.submit(TEXT_TO_IMAGE, {"prompt": "a red door", "aspect_ratio": "16:9"}))
+    url = first["images"][0]["url"]
+    assert url.startswith(f"{server.base_url}/files/")
+    second = fal.output(fal.submit(DEV, {"prompt": "paint it blue", "image_url": url}))
+    assert sizes(second) == [TINY_SIZES["16:9"]]  # followed the stored image's shape
+
+
+def test_endpoints_lists_each_backend_and_its_readiness(fal: Fal) -> None:
+    listed = fal.client.get("/v1/endpoints").json()["endpoints"]
+    assert [entry["app_id"] for entry in listed] == [
+        TEXT_TO_IMAGE,
+        PRO_EDIT,
+        MAX_TEXT_TO_IMAGE,
+        MAX_EDIT,
+        DEV,
+    ]
+    for entry in listed:
+        assert (entry["backend"], entry["model"]) == ("local", "kontextd/tiny-random-flux-kontext")
+        assert (entry["status"], entry["reason"]) == ("ready", None)
+        assert entry["title"].startswith("FLUX.1 Kontext")
 
 
 def test_every_aspect_ratio_on_text_to_image(fal: Fal) -> None:
@@ -650,6 +677,7 @@ def test_run_route_answers_with_the_output(fal: Fal, server: KontextdServer) -> 
     assert set(output) == OUTPUT_KEYS
     assert sizes(output) == [(128, 128)]
     assert download(fal.client, output["images"][0]["url"])[1].size == (128, 128)
+    assert response.headers["x-kontextd-backend"] == "local"
     # It went through the queue like any request: its id answers on the queue routes too.
     request_id = response.headers["x-fal-request-id"]
     assert fal.client.get(f"/fal-ai/flux-pro/requests/{request_id}").json() == output
