@@ -79,6 +79,12 @@ def serve(settings: Settings) -> None:
     requeued = store.recover_after_restart(time.time())
     if requeued:
         log.warning("re-queued requests interrupted by the last shutdown", extra={"count": requeued})
+    # After the re-queue: a request interrupted on a backend no longer routed to must move as well.
+    moved = store.move_to_lanes({route.app_id: route.backend for route in routing.routes.values()})
+    if moved:
+        log.warning(
+            "moved queued requests to the backend their endpoint is now routed to", extra={"count": moved}
+        )
 
     services = Services(
         settings=settings,

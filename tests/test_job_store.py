@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -298,6 +298,24 @@ def test_each_lane_is_its_own_queue(store: JobStore) -> None:
     # A job whose worker died goes back to the head of its own lane.
     assert store.recover_abandoned(now + LEASE + 1) == 1
     assert [store.queue_position(name) for name in ("bfl-1", "bfl-3", "bfl-2")] == [0, 1, 2]
+
+
+def test_move_to_lanes_follows_a_routing_change_keeping_order(store: JobStore) -> None:
+    now = time.time()
+    other = "fal-ai/flux-pro/kontext"
+    store.submit(new_job("local-a"))
+    store.submit(new_job("bfl-low", lane="bfl", priority=Priority.LOW))
+    store.submit(new_job("bfl-a", lane="bfl"))
+    store.submit(new_job("bfl-b", lane="bfl"))
+    store.submit(replace(new_job("dev-bfl", lane="bfl"), app_id=other))
+    # APP_ID is now routed to the local model; the other endpoint stays where it is.
+    assert store.move_to_lanes({APP_ID: "local", other: "bfl"}) == 3
+    assert [store.queue_position(name) for name in ("local-a", "bfl-a", "bfl-b", "bfl-low")] == [0, 1, 2, 3]
+    assert store.queue_position("dev-bfl") == 0
+    assert store.move_to_lanes({APP_ID: "local", other: "bfl"}) == 0
+    assert claimed_ids(store, now) == ["local-a", "bfl-a", "bfl-b", "bfl-low"]
+    job = store.claim("upstream", LEASE, now, "bfl")
+    assert job is not None and job.request_id == "dev-bfl"
 
 
 def test_queue_position_is_none_for_unknown_running_and_completed_jobs(store: JobStore) -> None:

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -415,6 +415,28 @@ class SQLiteJobStore:
             for row in rows:
                 self._requeue_or_fail(connection, row, now)
             return len(rows)
+
+    def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
+        """Move queued jobs whose app is now routed to another backend into that backend's lane, keeping
+        their priority and order: after a routing change no accepted request waits for workers that no
+        longer exist. Returns how many moved."""
+        moved = 0
+        with self._write() as connection:
+            for app_id, lane in lanes.items():
+                rows = connection.execute(
+                    "SELECT * FROM jobs WHERE state = 'IN_QUEUE' AND app_id = ? AND lane != ?"
+                    " ORDER BY priority, ticket",
+                    (app_id, lane),
+                ).fetchall()
+                for row in rows:
+                    self._leave_queue(connection, row)
+                    connection.execute(
+                        "UPDATE jobs SET lane = ? WHERE request_id = ?", (lane, row["request_id"])
+                    )
+                    self._enqueue(connection, row["request_id"], lane, row["priority"])
+                moved += len(rows)
+            self._prune_holes(connection)
+        return moved
 
     def _requeue_or_fail(self, connection: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
         if row["cancel_requested"]:

@@ -5,7 +5,7 @@ SKIP LOCKED claims and LISTEN/NOTIFY) implements the same protocol. Methods are 
 the API calls the writing ones off the event loop.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from kontextd.jobs.model import CancelResult, Job, JobSummary, LogLine, NewJob, Outcome, WebhookDelivery
@@ -49,6 +49,10 @@ class JobStore(Protocol):
 
     def recover_abandoned(self, now: float) -> int:
         """Re-queue running jobs whose lease lapsed (their worker died), ahead of everything else."""
+
+    def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
+        """Re-queue queued jobs of each app id (key) into its lane (value) when it is in another one,
+        keeping priority and order; returns how many moved. Run at start-up, after routing is read."""
 
     def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
         """(request_id, stored keys) of finished jobs whose outputs outlived their lifetime."""
