@@ -35,3 +35,6 @@ def configure(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # httpx logs every request line at info: upstream polls would flood the log and print providers'
+    # signed output URLs. Our upstream backends log what matters themselves.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
