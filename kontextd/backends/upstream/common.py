@@ -50,6 +50,16 @@ def backoff(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
 
+def retry_after(response: httpx.Response) -> float | None:
+    """The seconds a 429/503 asks us to wait (`Retry-After: <seconds>`), or None; dates are not used."""
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < float("inf") else None
+
+
 def sleep_unless_cancelled(seconds: float, progress: Progress, deadline: float) -> None:
     """Sleep, waking to honour a cancellation; raise TimeoutError rather than sleep past `deadline`."""
     end = time.monotonic() + seconds
@@ -63,8 +73,14 @@ def sleep_unless_cancelled(seconds: float, progress: Progress, deadline: float) 
         raise GenerationCancelled
 
 
-def download_output(client: httpx.Client, url: str, timeout: float) -> EncodedImage:
-    """Fetch a generated image from the provider's (short-lived, signed) URL, bounded in size and time."""
+def download_output(
+    client: httpx.Client, url: str, timeout: float, deadline: float | None = None
+) -> EncodedImage:
+    """Fetch a generated image from the provider's (short-lived, signed) URL, bounded in size and time.
+
+    `timeout` bounds each network wait; `deadline` (monotonic), when given, bounds the whole download, so a
+    server trickling bytes cannot hold a task past it (raises TimeoutError).
+    """
     with client.stream("GET", url, timeout=timeout) as response:
         response.raise_for_status()
         chunks, size = [], 0
@@ -72,6 +88,8 @@ def download_output(client: httpx.Client, url: str, timeout: float) -> EncodedIm
             size += len(chunk)
             if size > MAX_OUTPUT_BYTES:
                 raise ValueError(f"upstream output larger than {MAX_OUTPUT_BYTES} bytes")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError
             chunks.append(chunk)
     data = b"".join(chunks)
     with Image.open(io.BytesIO(data)) as image:  # reads the header only: the size and the real format
