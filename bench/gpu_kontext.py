@@ -6,7 +6,10 @@
 Compute time does not depend on weight values, so random weights time the real model faithfully. For each
 task (text-to-image, edit) and batch size it times, side by side in one run:
   - diffusers eager: the plain `pipe(...)` call every user starts from (the baseline);
-  - kontextd none: the server's own generation path (KontextPipelineBackend), acceleration "none".
+  - kontextd none, regular, high: the server's own generation path (KontextPipelineBackend) at each
+    acceleration level, prepared and warmed up as the server does at start-up (compilation is not timed).
+`high`'s step cache runs on a fixed schedule (every --cache-every'th step computed, the others reuse the
+cache): the adaptive rule the server uses decides from activations, meaningless with random weights.
 It prints seconds per image, images per hour, peak memory, and the fraction of the dense bf16 roofline
 reached (transformer FLOPs per image divided by the peak rate, over the measured time).
 """
@@ -16,13 +19,15 @@ import platform
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from kontextd.backends.acceleration import LEVELS, build_levels
 from kontextd.backends.base import GenerationJob, ImageInput, QuietProgress
+from kontextd.backends.memory import MemoryPlan
 from kontextd.backends.pipeline import KontextPipelineBackend
+from kontextd.backends.step_cache import FixedSchedule
 from kontextd.backends.tiny import FULL, TINY, Architecture, build_random_pipeline
 
 TEXT_TOKENS = 512  # the pipeline pads T5 prompts to max_sequence_length
@@ -36,16 +41,6 @@ def transformer_flops(architecture: Architecture, image_tokens: int, reference_t
     sequence = image_tokens + reference_tokens + TEXT_TOKENS
     # Per block: QKV, output and a 4x MLP (12 d^2 weights per token) plus QK^T and AV (4 S^2 d).
     return blocks * (2 * 12 * width**2 * sequence + 4 * sequence**2 * width)
-
-
-@dataclass
-class Measurement:
-    task: str
-    batch: int
-    method: str
-    seconds_per_image: float
-    peak_memory_gib: float
-    roofline: float | None
 
 
 def peak_memory_gib(device: str) -> float:
@@ -77,12 +72,18 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4", help="batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense bf16 peak of the device")
+    parser.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="as kontextd's flag: auto = on CUDA"
+    )
+    parser.add_argument("--cache-every", type=int, default=2, help="high: compute every n-th step")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     architecture = FULL if on_gpu else TINY
     size = args.size or (1024 if on_gpu else 128)
     steps = args.steps or (28 if on_gpu else 4)
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    compile_blocks = args.compile == "on" or (args.compile == "auto" and on_gpu)
+    batches = [int(part) for part in args.batches.split(",")]
     name = torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine()
     print(
         f"# FLUX.1 Kontext, random weights — {time.strftime('%Y-%m-%d')} — {name} — "
@@ -94,18 +95,14 @@ def main() -> None:
     pipeline = build_random_pipeline(architecture, device=args.device, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     print(f"(built in {time.perf_counter() - started:.1f} s)")
-    # The 1:1 table size is 1024x1024; a smaller --size shrinks it the way the tiny backend does.
-    backend = KontextPipelineBackend(
-        pipeline, name="bench", served_by="random weights", resolution_divisor=max(1, 1024 // size)
-    )
     reference = Image.new("RGB", (size, size), (120, 80, 200))
     latent_tokens = (size // 16) ** 2  # VAE /8, then 2x2 packing
+    tasks = {"text-to-image": None, "edit": reference}
+    seconds: dict[tuple[str, int, str], tuple[float, float]] = {}
 
-    results: list[Measurement] = []
-    for task in ("text-to-image", "edit"):
-        image = reference if task == "edit" else None
-        flops = steps * transformer_flops(architecture, latent_tokens, latent_tokens if image else 0)
-        for batch in (int(part) for part in args.batches.split(",")):
+    # diffusers eager first, on the untouched pipeline: preparing the levels compiles its blocks in place.
+    for task, image in tasks.items():
+        for batch in batches:
 
             def diffusers_eager(image: Image.Image | None = image, batch: int = batch) -> object:
                 return pipeline(
@@ -123,40 +120,71 @@ def main() -> None:
                     generator=torch.Generator(device=args.device).manual_seed(0),
                 )
 
-            job = GenerationJob(
-                prompt="a lighthouse at dusk",
-                image=ImageInput("reference", lambda url, image=image: image) if image else None,
-                aspect_ratio="1:1",
-                num_images=batch,
-                seed=0,
-                guidance_scale=2.5,
-                num_inference_steps=steps,
-                output_format="png",
+            seconds[(task, batch, "diffusers eager")] = (
+                timed(diffusers_eager, args.device, args.repeats) / batch,
+                peak_memory_gib(args.device),
             )
 
-            def kontextd_none(job: GenerationJob = job) -> object:
-                return backend.generate(job, QuietProgress())
+    started = time.perf_counter()
+    # Everything resident with room for the accelerated copy, as the server plans on an 80 GB GPU.
+    levels = build_levels(
+        pipeline,
+        args.device,
+        MemoryPlan("none", fast_copy=True, needed=0, free=None),
+        weights="bf16",
+        compile=compile_blocks,
+        high=FixedSchedule(args.cache_every),
+    )
+    # The 1:1 table size is 1024x1024; a smaller --size shrinks it the way the tiny backend does.
+    backend = KontextPipelineBackend(
+        pipeline,
+        name="bench",
+        served_by="random weights",
+        resolution_divisor=max(1, 1024 // size),
+        levels=levels,
+    )
+    backend.warm_up()
+    print(f"(levels prepared and warmed up in {time.perf_counter() - started:.1f} s)")
+    for level in LEVELS:
+        print(f"# {level}: {', '.join(levels.applied[level]) or 'exact'}")
+    for feature, reason in levels.skipped.items():
+        print(f"# skipped {feature}: {reason}")
 
-            for method, call in (("diffusers eager", diffusers_eager), ("kontextd none", kontextd_none)):
-                seconds = timed(call, args.device, args.repeats) / batch
-                roofline = flops / (args.peak_tflops * 1e12) / seconds if on_gpu else None
-                results.append(
-                    Measurement(task, batch, method, seconds, peak_memory_gib(args.device), roofline)
+    for task, image in tasks.items():
+        for batch in batches:
+            for level in LEVELS:
+                job = GenerationJob(
+                    prompt="a lighthouse at dusk",
+                    image=ImageInput("reference", lambda url, image=image: image) if image else None,
+                    aspect_ratio="1:1",
+                    num_images=batch,
+                    seed=0,
+                    guidance_scale=2.5,
+                    num_inference_steps=steps,
+                    output_format="png",
+                    acceleration=level,
+                )
+                seconds[(task, batch, f"kontextd {level}")] = (
+                    timed(lambda job=job: backend.generate(job, QuietProgress()), args.device, args.repeats)
+                    / batch,
+                    peak_memory_gib(args.device),
                 )
 
     print(
-        f"{'task':<14}{'batch':>6}  {'method':<16}{'s/image':>9}{'images/h':>10}{'peak GiB':>10}"
+        f"{'task':<14}{'batch':>6}  {'method':<18}{'s/image':>9}{'images/h':>10}{'peak GiB':>10}"
         f"{'roofline':>10}{'vs eager':>10}"
     )
-    baseline = {(m.task, m.batch): m.seconds_per_image for m in results if m.method == "diffusers eager"}
-    for m in results:
-        roofline = f"{m.roofline:.0%}" if m.roofline is not None else "n/a"
-        speedup = baseline[(m.task, m.batch)] / m.seconds_per_image
-        print(
-            f"{m.task:<14}{m.batch:>6}  {m.method:<16}{m.seconds_per_image:>9.4f}"
-            f"{3600 / m.seconds_per_image:>10.0f}"
-            f"{m.peak_memory_gib:>10.1f}{roofline:>10}{speedup:>9.2f}x"
-        )
+    for task, image in tasks.items():
+        flops = steps * transformer_flops(architecture, latent_tokens, latent_tokens if image else 0)
+        for batch in batches:
+            baseline = seconds[(task, batch, "diffusers eager")][0]
+            for method in ("diffusers eager", *(f"kontextd {level}" for level in LEVELS)):
+                per_image, peak = seconds[(task, batch, method)]
+                roofline = f"{flops / (args.peak_tflops * 1e12) / per_image:.0%}" if on_gpu else "n/a"
+                print(
+                    f"{task:<14}{batch:>6}  {method:<18}{per_image:>9.4f}{3600 / per_image:>10.0f}"
+                    f"{peak:>10.1f}{roofline:>10}{baseline / per_image:>9.2f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kontextd.backends import DEFAULT_MODEL
+from kontextd.backends import COMPILE_MODES, DEFAULT_MODEL
+from kontextd.backends.memory import OFFLOAD_MODES, WEIGHTS
 from kontextd.config import SEVEN_DAYS, WEBHOOK_BACKOFF, Settings
 
 
@@ -72,7 +73,36 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "--device",
         default=_env("DEVICE", "auto"),
-        help="torch device for --backend diffusers: auto (CUDA), cuda, cuda:N or cpu [KONTEXTD_DEVICE]",
+        help="torch device for --backend diffusers: auto or cuda (every GPU, or those --gpus names), "
+        "cuda:N, or cpu (--workers pipelines) [KONTEXTD_DEVICE]",
+    )
+    add(
+        "--gpus",
+        default=_env("GPUS"),
+        help="GPUs for --backend diffusers, one pipeline and one worker each: all, or indices like 0,1 "
+        "(default: every GPU, or the one --device cuda:N names) [KONTEXTD_GPUS]",
+    )
+    add(
+        "--offload",
+        default=_env("OFFLOAD", "auto"),
+        choices=["auto", *OFFLOAD_MODES],
+        help="memory mode on the GPU: none = all resident (fastest); model = each component on the GPU "
+        "only while used (T5 leaves after encoding); sequential = layer by layer (slow, a few GiB); "
+        "auto = none if it fits in free memory, else model [KONTEXTD_OFFLOAD]",
+    )
+    add(
+        "--weights",
+        default=_env("WEIGHTS", "bf16"),
+        choices=list(WEIGHTS),
+        help="storage of the transformer's weights: bf16, or fp8 (half the memory, computed in bf16, "
+        "slightly lossy) [KONTEXTD_WEIGHTS]",
+    )
+    add(
+        "--compile",
+        default=_env("COMPILE", "auto"),
+        choices=list(COMPILE_MODES),
+        help="torch.compile the transformer blocks at start-up (warm-up before ready): auto = on with "
+        "CUDA, off on the CPU [KONTEXTD_COMPILE]",
     )
     add(
         "--api-key",
@@ -106,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=int(_env("WORKERS", "1")),
-        help="in-process workers; 0 serves the API only and leaves the queue to others [KONTEXTD_WORKERS]",
+        help="in-process workers, each with its own pipeline on the CPU; with CUDA one per GPU instead; "
+        "0 serves the API only and leaves the queue to others [KONTEXTD_WORKERS]",
     )
     add(
         "--fetch-allow",
@@ -167,6 +198,10 @@ def settings_from_args(argv: Sequence[str]) -> Settings:
         backend=args.backend,
         model=args.model,
         device=args.device,
+        gpus=args.gpus,
+        offload=args.offload,
+        weights=args.weights,
+        compile=args.compile,
         api_keys=tuple(key.strip() for key in keys if key.strip()),
         insecure=args.insecure,
         tls_self_signed=args.tls_self_signed,

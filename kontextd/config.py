@@ -21,6 +21,10 @@ class Settings:
     backend: str = "auto"
     model: str = DEFAULT_MODEL
     device: str = "auto"
+    gpus: str | None = None  # "all" or "0,1"; None: every GPU, or the one --device names
+    offload: str = "auto"
+    weights: str = "bf16"
+    compile: str = "auto"
     api_keys: tuple[str, ...] = ()
     insecure: bool = False
     tls_self_signed: bool = False

@@ -46,7 +46,16 @@ def client_environment(settings: Settings, ca_file: str | None) -> list[str]:
 def serve(settings: Settings) -> None:
     logs.configure(settings.log_level)
     try:
-        plan = plan_backend(settings.backend, settings.model, settings.device)
+        plan = plan_backend(
+            settings.backend,
+            settings.model,
+            settings.device,
+            gpus=settings.gpus,
+            workers=settings.workers,
+            offload=settings.offload,
+            weights=settings.weights,
+            compile=settings.compile,
+        )
     except BackendUnavailable as error:
         sys.exit(f"kontextd: {error}")
     try:

@@ -11,10 +11,10 @@ import torch
 from conftest import KontextdServer, wait_completed, wait_for
 from diffusers import FluxKontextPipeline
 
-from kontextd.backends import BackendPlan, BackendUnavailable, load_backend, model_is_local, plan_backend
+from kontextd.backends import BackendUnavailable, load_backend, model_is_local, plan_backend
 from kontextd.backends.pipeline import KontextPipelineBackend
 from kontextd.backends.tiny import build_tiny_pipeline
-from kontextd.backends.weights import load_pretrained
+from kontextd.backends.weights import compute_dtype, load_pretrained
 from kontextd.jobs.model import NewJob, State
 from kontextd.jobs.sqlite import SQLiteJobStore
 from kontextd.storage.local import LocalStorage
@@ -51,7 +51,14 @@ def test_diffusers_without_cuda_is_a_clear_error() -> None:
 
 def test_diffusers_on_cpu_when_asked(saved_pipeline: Path) -> None:
     plan = plan_backend("diffusers", str(saved_pipeline), "cpu")
-    assert plan == BackendPlan("diffusers", "cpu", str(saved_pipeline), "--backend diffusers")
+    assert (plan.kind, plan.device, plan.model, plan.reason) == (
+        "diffusers",
+        "cpu",
+        str(saved_pipeline),
+        "--backend diffusers",
+    )
+    assert [slot.memory.offload for slot in plan.slots] == ["none"]
+    assert not plan.compile  # auto: off on the CPU
 
 
 def test_tiny_and_unknown_backends(tmp_path: Path) -> None:
@@ -75,22 +82,23 @@ def test_model_is_local(saved_pipeline: Path, monkeypatch: pytest.MonkeyPatch, t
 def test_missing_weights_are_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BackendUnavailable, match="no such directory, file or Hugging Face repo id") as caught:
-        load_pretrained(str(tmp_path / "no-such-model"), "cpu")
+        load_pretrained(str(tmp_path / "no-such-model"), compute_dtype("cpu"))
     assert "Traceback" not in str(caught.value)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))  # offline and never downloaded
     with pytest.raises(
         BackendUnavailable, match=r"could not load black-forest-labs/FLUX\.1-Kontext-dev: .*--model"
     ) as caught:
-        load_pretrained("black-forest-labs/FLUX.1-Kontext-dev", "cpu")
+        load_pretrained("black-forest-labs/FLUX.1-Kontext-dev", compute_dtype("cpu"))
     assert "\n" not in str(caught.value)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(BackendUnavailable, match=f"could not load {empty}"):
-        load_pretrained(str(empty), "cpu")
+        load_pretrained(str(empty), compute_dtype("cpu"))
 
 
 def test_saved_weights_load_through_the_diffusers_path(saved_pipeline: Path) -> None:
-    backend = load_backend(BackendPlan("diffusers", "cpu", str(saved_pipeline), "test"))
+    plan = plan_backend("diffusers", str(saved_pipeline), "cpu")
+    backend = load_backend(plan, plan.slots[0])
     assert backend.name == "diffusers"
     assert isinstance(backend, KontextPipelineBackend)
     assert backend.output_size((1024, 1024)) == (1024, 1024)  # the real table, not shrunk like tiny
@@ -212,3 +220,19 @@ def test_out_of_memory_fails_that_request_only(store: SQLiteJobStore, tmp_path: 
     assert first.outcome.error == "Out of memory generating 4 image(s) at 128x128; try fewer images"
     assert second.outcome is not None and second.outcome.ok and len(second.outcome.body["images"]) == 4
     assert wait_for(lambda: any("Out of memory" in line.message for line in store.logs(ids[0])))
+
+
+def test_out_of_memory_while_warming_up_is_a_clear_error() -> None:
+    pipeline = RunsOutOfMemoryOnce(build_tiny_pipeline())
+    backend = KontextPipelineBackend(
+        pipeline,  # type: ignore[arg-type]
+        name="tiny",
+        served_by="tiny",
+        resolution_divisor=8,
+    )
+    with pytest.raises(
+        BackendUnavailable,
+        match=r"out of memory warming up one 128x128 image on cpu\. Try --offload model or --weights fp8",
+    ):
+        backend.warm_up()
+    backend.warm_up()  # nothing was left behind

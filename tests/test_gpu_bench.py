@@ -1,4 +1,4 @@
-"""bench/gpu_kontext.py: its FLOP model, and a real run in the shrunken CPU mode CI can afford."""
+"""bench/gpu_kontext.py: its FLOP model, and a real run of every row in the shrunken CPU mode CI affords."""
 
 import subprocess
 import sys
@@ -34,8 +34,11 @@ def test_cpu_mode_runs_every_row() -> None:
         (task, batch, *method.split())
         for task in ("text-to-image", "edit")
         for batch in ("1", "2")
-        for method in ("diffusers eager", "kontextd none")
+        for method in ("diffusers eager", "kontextd none", "kontextd regular", "kontextd high")
     ]
+    # What each level ran, and what it skipped on a CPU.
+    assert "# high: fused QKV, first block cache (compute every 2 steps)" in completed.stdout
+    assert "# skipped fp8: fp8 matmuls need a CUDA GPU" in completed.stdout
     for row in rows:
         seconds, per_hour = float(row[4]), float(row[5])
         assert seconds > 0 and per_hour == pytest.approx(3600 / seconds, rel=0.02)  # both printed rounded

@@ -70,8 +70,8 @@ def create_app(services: Services) -> FastAPI:
         threads: list[threading.Thread] = []
         upstreams: list[UpstreamBackend] = []
 
-        def start_workers(lane: str, backend: Backend, count: int) -> None:
-            for index in range(count):
+        def start_workers(lane: str, backend: Backend, count: int, first: int = 0) -> None:
+            for index in range(first, first + count):
                 worker = Worker(
                     worker_id=f"{services.instance_id}-{lane}-{index}",
                     store=services.store,
@@ -90,27 +90,39 @@ def create_app(services: Services) -> FastAPI:
                 threads.append(thread)
 
         def load_then_work() -> None:
-            """Load the model off the event loop; meanwhile requests queue and /health says loading."""
+            """Load and warm up one pipeline per device slot off the event loop, then start one worker on
+            each; meanwhile requests queue and /health says loading."""
             started = time.perf_counter()
-            try:
-                backend = load_backend(services.plan, tiny_step_seconds=services.settings.tiny_step_seconds)
-            except BackendUnavailable as error:
-                services.readiness.fail(str(error))
-                log.error("backend unavailable", extra={"reason": str(error)})
-                return
-            except Exception as error:  # report any loading failure on /health rather than dying silently
-                services.readiness.fail(f"{type(error).__name__}: {error}")
-                log.exception("backend failed to load")
-                return
-            start_workers(LOCAL, backend, services.settings.workers)
-            services.readiness.ready(backend.name)
-            seconds = round(time.perf_counter() - started, 2)
+            plan = services.plan
+            backends = []
+            for slot in plan.slots:
+                where = f"{slot.device}: " if len(plan.slots) > 1 else ""  # which of several failed
+                try:
+                    backend = load_backend(plan, slot, tiny_step_seconds=services.settings.tiny_step_seconds)
+                    warming = time.perf_counter()
+                    backend.warm_up()  # compilation and first-call costs, before any request
+                except BackendUnavailable as error:
+                    services.readiness.fail(where + str(error))
+                    log.error("backend unavailable", extra={"reason": str(error), "device": slot.device})
+                    return
+                except Exception as error:  # report any loading failure on /health rather than dying silently
+                    services.readiness.fail(f"{where}{type(error).__name__}: {error}")
+                    log.exception("backend failed to load", extra={"device": slot.device})
+                    return
+                seconds = round(time.perf_counter() - warming, 2)
+                log.info("warmed up", extra={"device": slot.device, "warm_up_seconds": seconds})
+                backends.append(backend)
+            # Workers start only once every slot is warm, so no compilation runs beside a request.
+            for index, backend in enumerate(backends):
+                start_workers(LOCAL, backend, 1, first=index)
+            services.readiness.ready(backends[0].name)
             log.info(
                 "ready",
                 extra={
-                    "workers": services.settings.workers,
-                    "backend": backend.name,
-                    "load_seconds": seconds,
+                    "workers": len(backends),
+                    "devices": plan.device,
+                    "backend": backends[0].name,
+                    "load_seconds": round(time.perf_counter() - started, 2),
                 },
             )
 

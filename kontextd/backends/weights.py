@@ -7,25 +7,29 @@ import torch
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from kontextd.backends import DEFAULT_MODEL, BackendUnavailable
+from kontextd.backends import DEFAULT_MODEL
+from kontextd.backends.errors import BackendUnavailable
 
 
-def load_pretrained(model: str, device: str) -> FluxKontextPipeline:
+def compute_dtype(device: str) -> torch.dtype:
     # bf16 is what the model was trained in; CPUs run float32 faster and exactly.
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_pretrained(model: str, dtype: torch.dtype) -> FluxKontextPipeline:
+    """The pipeline in `dtype`, on the host: placement.place() moves it to its device."""
     token = os.environ.get("HF_TOKEN") or None
     path = Path(model)
     try:
         if path.is_dir():
-            pipeline = FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
-        elif path.suffix == ".safetensors":
+            return FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+        if path.suffix == ".safetensors":
             # A fine-tuned transformer alone: the text encoders and VAE come from the base model.
             transformer = FluxTransformer2DModel.from_single_file(path, dtype=dtype)
-            pipeline = FluxKontextPipeline.from_pretrained(
+            return FluxKontextPipeline.from_pretrained(
                 DEFAULT_MODEL, transformer=transformer, dtype=dtype, token=token
             )
-        else:
-            pipeline = FluxKontextPipeline.from_pretrained(model, dtype=dtype, token=token)
+        return FluxKontextPipeline.from_pretrained(model, dtype=dtype, token=token)
     except GatedRepoError as error:
         raise BackendUnavailable(
             f"{model} is gated: accept its licence on the Hugging Face Hub, then set HF_TOKEN"
@@ -45,11 +49,4 @@ def load_pretrained(model: str, device: str) -> FluxKontextPipeline:
         raise BackendUnavailable(
             f"could not load {model}: {reason} Pass a local pipeline directory with --model, "
             "or allow the download (HF_TOKEN for the gated repo)."
-        ) from error
-    try:
-        return pipeline.to(device)
-    except torch.OutOfMemoryError as error:
-        raise BackendUnavailable(
-            f"the GPU is too small for {model} on {device} ({error.__class__.__name__}); "
-            "a GPU with at least 40 GB free is needed without offloading"
         ) from error
