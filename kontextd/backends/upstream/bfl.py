@@ -38,6 +38,7 @@ from kontextd.backends.upstream.common import (
     image_reference,
     retry_after,
     sleep_unless_cancelled,
+    time_left,
 )
 from kontextd.routing import UpstreamConfig
 from kontextd.worker.encoding import CONTENT_TYPES, encode_image
@@ -270,10 +271,7 @@ class _Task:
 
     def timeout(self) -> float:
         """One exchange's limit: the configured request timeout, cut short by the task's deadline."""
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        return min(self.backend.config.request_timeout, left)
+        return time_left(self.deadline, self.backend.config.request_timeout)
 
     def log(self, message: str) -> None:
         self.progress.log(f"BFL task {self.label}: {message}")

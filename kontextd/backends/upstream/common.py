@@ -2,7 +2,9 @@
 
 import base64
 import contextlib
+import email.utils
 import io
+import math
 import random
 import threading
 import time
@@ -51,13 +53,25 @@ def backoff(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
 
 
 def retry_after(response: httpx.Response) -> float | None:
-    """The seconds a 429/503 asks us to wait (`Retry-After: <seconds>`), or None; dates are not used."""
+    """The seconds a 429/503 asks us to wait (`Retry-After`: seconds or an HTTP date), or None when the
+    header is absent or unreadable. A date already past means no wait."""
     value = response.headers.get("retry-after", "").strip()
     try:
         seconds = float(value)
     except ValueError:
-        return None
-    return seconds if 0 <= seconds < float("inf") else None
+        try:
+            seconds = max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+    return seconds if 0 <= seconds < math.inf else None
+
+
+def time_left(deadline: float, cap: float) -> float:
+    """Seconds the next exchange may take: at most `cap`, never past the (monotonic) deadline."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return min(cap, left)
 
 
 def sleep_unless_cancelled(seconds: float, progress: Progress, deadline: float) -> None:

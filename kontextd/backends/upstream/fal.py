@@ -7,7 +7,6 @@ stores the files itself. The key travels only in the Authorization header of cal
 never to the output file hosts, and never into a log line or a message.
 """
 
-import email.utils
 import logging
 import math
 import time
@@ -30,7 +29,9 @@ from kontextd.backends.upstream.common import (
     base64_png,
     download_output,
     image_reference,
+    retry_after,
     sleep_unless_cancelled,
+    time_left,
 )
 from kontextd.catalogue.endpoints import BY_APP_ID
 from kontextd.routing import UpstreamConfig
@@ -233,7 +234,7 @@ class FalBackend:
         failures = 0
         while True:
             try:
-                return download_output(self._client, url, _left(deadline, self._config.request_timeout))
+                return download_output(self._client, url, time_left(deadline, self._config.request_timeout))
             except httpx.HTTPStatusError as error:
                 code = error.response.status_code
                 if code < 500:
@@ -267,7 +268,7 @@ class FalBackend:
         while True:
             if progress.cancelled():
                 raise GenerationCancelled
-            timeout = _left(deadline, self._config.request_timeout)
+            timeout = time_left(deadline, self._config.request_timeout)
             try:
                 response = self._client.request(
                     method, url, json=json, params=params, headers=self._headers(), timeout=timeout
@@ -276,8 +277,9 @@ class FalBackend:
                 problem = type(error).__name__
             else:
                 if response.status_code == 429:
-                    wait = _retry_after(response)
-                    wait = backoff(limited, self._retry_base) if wait is None else wait
+                    asked = retry_after(response)
+                    backed_off = backoff(limited, self._retry_base)
+                    wait = backed_off if asked is None else min(asked, RETRY_AFTER_MAX)
                     limited += 1
                     log.warning("fal rate limit", extra={"call": what, "retry_in": round(wait, 2)})
                     progress.log(f"fal is rate limiting (HTTP 429); retrying in {wait:.1f} s")
@@ -448,32 +450,7 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds (a number or an HTTP date), capped; None when absent or unreadable."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
-
-
-def _left(deadline: float, cap: float) -> float:
-    """Seconds the next exchange may take: at most `cap`, never past the deadline."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    return min(cap, left)
-
-
 def _pause(seconds: float, progress: Progress, deadline: float) -> None:
     """Wait (waking for a cancellation), cut short at the deadline, which then raises TimeoutError."""
-    sleep_unless_cancelled(min(seconds, _left(deadline, seconds)), progress, math.inf)
-    _left(deadline, seconds)
+    sleep_unless_cancelled(min(seconds, time_left(deadline, seconds)), progress, math.inf)
+    time_left(deadline, seconds)
