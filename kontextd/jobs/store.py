@@ -11,6 +11,11 @@ from typing import Protocol
 from kontextd.jobs.model import CancelResult, Job, JobSummary, LogLine, NewJob, Outcome, WebhookDelivery
 
 
+class StoreUnavailable(Exception):
+    """The store cannot take this write now (disk full, database busy for too long); nothing was changed.
+    The API answers 503 with Retry-After: the caller should try again later."""
+
+
 class JobStore(Protocol):
     def submit(self, job: NewJob) -> int:
         """Persist a new queued job; returns its queue position (0 = next to run)."""
