@@ -13,6 +13,7 @@ from PIL import Image
 
 from kontextd import __version__
 from kontextd.api.changes import ChangeFeed
+from kontextd.api.errors import install_error_handlers
 from kontextd.api.middleware import BodyLimit, TargetUrl, TrailingSlash
 from kontextd.api.queue import RUN_PREFIX, build_queue_router
 from kontextd.api.services import Readiness, Services
@@ -173,6 +174,7 @@ def create_app(services: Services) -> FastAPI:
         lifespan=lifespan,
         redirect_slashes=False,
     )
+    install_error_handlers(app)
     app.include_router(build_queue_router(services))
 
     @app.get(
