@@ -160,9 +160,30 @@ def _parser() -> argparse.ArgumentParser:
         "[KONTEXTD_SWEEP_INTERVAL]",
     )
     add(
+        "--lease-seconds",
+        type=float,
+        default=float(_env("LEASE_SECONDS", "60")),
+        help="a running request's lease: its worker renews it every third of this; one not renewed for "
+        "this long (a hung worker) is run again, counted as its own failure [KONTEXTD_LEASE_SECONDS]",
+    )
+    add(
+        "--record-retention",
+        type=float,
+        default=float(_env("RECORD_RETENTION", str(SEVEN_DAYS))),
+        help="seconds a finished request's record (status, error; its logs and bodies go with its outputs) "
+        "is kept after its outputs expire; then it is unknown (404) [KONTEXTD_RECORD_RETENTION]",
+    )
+    add(
         "--webhook-backoff",
         default=_env("WEBHOOK_BACKOFF", ",".join(f"{d:g}" for d in WEBHOOK_BACKOFF)),
         help="seconds between webhook tries, comma-separated; tries = gaps + 1 [KONTEXTD_WEBHOOK_BACKOFF]",
+    )
+    add(
+        "--webhook-concurrency",
+        type=int,
+        default=int(_env("WEBHOOK_CONCURRENCY", "4")),
+        help="webhook tries in flight at once to one receiver (scheme, host and port) "
+        "[KONTEXTD_WEBHOOK_CONCURRENCY]",
     )
     add(
         "--sse-ping-interval",
@@ -211,7 +232,10 @@ def settings_from_args(argv: Sequence[str]) -> Settings:
         fetch_allow=args.fetch_allow,
         output_ttl=args.output_ttl,
         sweep_interval=args.sweep_interval,
+        lease_seconds=args.lease_seconds,
+        record_retention=args.record_retention,
         webhook_backoff=tuple(float(part) for part in args.webhook_backoff.split(",") if part.strip()),
+        webhook_concurrency=args.webhook_concurrency,
         sse_ping_interval=args.sse_ping_interval,
         tiny_step_seconds=args.tiny_step_seconds,
         log_level=args.log_level,

@@ -1,6 +1,7 @@
 """Server settings: one dataclass, filled from `kontextd serve` flags and KONTEXTD_* environment variables."""
 
 import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,10 @@ class Settings:
     fetch_timeout: float = 20.0
     output_ttl: float = SEVEN_DAYS
     sweep_interval: float = 30.0
+    lease_seconds: float = 60.0  # a running request's worker renews it every third of this
+    record_retention: float = SEVEN_DAYS  # a finished request's tombstone outlives its outputs this long
     webhook_backoff: tuple[float, ...] = WEBHOOK_BACKOFF
+    webhook_concurrency: int = 4  # tries in flight at once to one receiver (scheme, host and port)
     sse_ping_interval: float = 10.0
     tiny_step_seconds: float = 0.0
     log_level: str = "info"
@@ -79,5 +83,11 @@ class Settings:
             raise ValueError("--tls-self-signed and --tls-cert are exclusive")
         if self.workers < 0:
             raise ValueError("--workers must be 0 or more")
+        if not 0 < self.lease_seconds < math.inf:
+            raise ValueError(f"--lease-seconds must be more than 0 seconds, not {self.lease_seconds}")
+        if not 0 <= self.record_retention < math.inf:
+            raise ValueError(f"--record-retention must be 0 or more seconds, not {self.record_retention}")
         if len(self.webhook_backoff) < 1:
             raise ValueError("KONTEXTD_WEBHOOK_BACKOFF needs at least one delay")
+        if self.webhook_concurrency < 1:
+            raise ValueError("--webhook-concurrency must be 1 or more")

@@ -1,5 +1,7 @@
 """Shared fixtures: kontextd as a real process on loopback, and small loopback servers tests talk to."""
 
+import contextlib
+import errno
 import http.server
 import io
 import json
@@ -136,6 +138,17 @@ class KontextdServer:
         return exported
 
 
+def raw_get(server: KontextdServer, target: bytes) -> tuple[int, bytes]:
+    """GET with the request target byte for byte: HTTP clients would normalise `..` and `//` away."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
 def wait_for(condition, timeout: float = 30, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -163,6 +176,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KontextdServer]
     ).start()
     yield instance
     instance.stop()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[KontextdServer]]:
+    """Every server a test starts is stopped at the end, even when the test fails half-way."""
+    started: list[KontextdServer] = []
+    yield started
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture
@@ -254,3 +276,40 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield WebhookReceiver(f"http://127.0.0.1:{httpd.server_port}", received, failures)
     httpd.shutdown()
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "16m") mounted at `path`: a disk that really fills up. Mounting needs root;
+    where it is not permitted the test is skipped, saying why."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write a file in `directory` until its file system has no byte left (ENOSPC); delete the file to free
+    the space again."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 8, 1):
+            block = b"\0" * size
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+    return filler

@@ -7,7 +7,9 @@ lock, snapshot reads) use the `sqlite_store` and `sqlite_path` fixtures.
 
 import contextlib
 import json
+import os
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -20,13 +22,24 @@ from unittest import mock
 import pytest
 
 from kontextd.jobs import outcomes
-from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Priority, State
-from kontextd.jobs.sqlite import MAX_ATTEMPTS, DataDirInUse, SQLiteJobStore
-from kontextd.jobs.store import JobStore
+from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Priority, Release, State
+from kontextd.jobs.sqlite import (
+    MAX_FAILURES,
+    MAX_INTERRUPTIONS,
+    MAX_STORAGE_FAILURES,
+    POOL_SIZE,
+    DataDirInUse,
+    SQLiteJobStore,
+)
+from kontextd.jobs.store import JobStore, StoreUnavailable
 
 APP_ID = "fal-ai/flux-kontext/dev"
 LEASE = 60.0
+# What the request's own logs say when it is queued again, by cause (part of what clients read).
 WARN_REQUEUED = "The worker running this request stopped; it was queued again"
+WARN_RESTARTED = "The server stopped while this request ran; it was queued again"
+WARN_SHUTDOWN = "The server is shutting down; this request was queued again and runs again from the start"
+WARN_STORAGE = "Its images could not be stored (disk full); it was queued again"
 
 # -- store construction: one factory per store kind ----------------------------------------------------
 
@@ -42,11 +55,11 @@ def _sqlite_opener(tmp_path: Path) -> StoreOpener:
 def _sqlite_bulk(store: JobStore) -> Iterator[None]:
     """Run many submits in one transaction (one fsync instead of thousands), through submit itself."""
     assert isinstance(store, SQLiteJobStore)
-    connection = store._connection()
-    connection.execute("BEGIN IMMEDIATE")
-    with mock.patch.object(store, "_write", lambda: contextlib.nullcontext(connection)):
-        yield
-    connection.execute("COMMIT")
+    with store._pool.connection() as connection:
+        connection.execute("BEGIN IMMEDIATE")
+        with mock.patch.object(store, "_write", lambda: contextlib.nullcontext(connection)):
+            yield
+        connection.execute("COMMIT")
 
 
 STORES: dict[str, Callable[[Path], StoreOpener]] = {"sqlite": _sqlite_opener}
@@ -332,7 +345,7 @@ class _Modelled:
     seq: int
     deadline: float | None
     lane: str = "local"
-    attempts: int = 0
+    failures: int = 0
     cancel_requested: bool = False
     lease_expires_at: float = 0.0
 
@@ -393,7 +406,7 @@ def test_queue_positions_match_a_brute_force_model(store: JobStore) -> None:
             assert position == order(lane).index(name), (step, operation)
         elif operation == "claim":
             # Later claims get earlier-lapsing leases, so the job most recently (re)started is the one
-            # the next lease sweep recovers: some jobs die again and again until MAX_ATTEMPTS.
+            # the next lease sweep recovers: some jobs die again and again until MAX_FAILURES.
             lease = 1_000_000.0 - 2 * step
             lane = rng.choice(LANES)
             expected_claim = None
@@ -402,7 +415,6 @@ def test_queue_positions_match_a_brute_force_model(store: JobStore) -> None:
                 if item.deadline is not None and item.deadline < now:
                     finished[name] = "request_timeout"
                     continue
-                item.attempts += 1
                 item.lease_expires_at = now + lease
                 running[name] = item
                 expected_claim = name
@@ -433,9 +445,10 @@ def test_queue_positions_match_a_brute_force_model(store: JobStore) -> None:
             assert store.recover_abandoned(item.lease_expires_at + 0.5) == 1, (step, operation)
             stats["recovered"] = stats.get("recovered", 0) + 1
             del running[name]
+            item.failures += 1
             if item.cancel_requested:
                 finished[name] = "client_cancelled"
-            elif item.attempts >= MAX_ATTEMPTS:
+            elif item.failures >= MAX_FAILURES:
                 finished[name] = "internal_server_error"
             else:
                 seq += 1
@@ -659,16 +672,20 @@ def test_recover_abandoned_only_touches_jobs_whose_lease_expired(store: JobStore
 def test_recover_abandoned_ends_a_job_that_died_too_often(store: JobStore) -> None:
     now = time.time()
     store.submit(new_job("a"))
-    for attempt in range(1, MAX_ATTEMPTS + 1):
+    for lapse in range(1, MAX_FAILURES + 1):
         job = store.claim("worker-a", 10.0, now)
-        assert job is not None and job.attempts == attempt
+        assert job is not None and job.attempts == lapse
         now += 11
         assert store.recover_abandoned(now) == 1
-    job = get(store, "a")
-    assert job.state is State.COMPLETED
+        job = get(store, "a")
+        assert job.failures == lapse and job.interruptions == job.storage_failures == 0
+        # Exactly MAX_FAILURES lapses end it: one fewer re-queues it.
+        assert job.state is (State.COMPLETED if lapse == MAX_FAILURES else State.IN_QUEUE), lapse
     assert job.outcome is not None
     assert job.outcome.error_type == "internal_server_error"
     assert job.outcome.status_code == 500
+    assert job.outcome.error == f"The worker running this request stopped {MAX_FAILURES} times"
+    assert [line.message for line in store.logs("a")] == [WARN_REQUEUED] * (MAX_FAILURES - 1)
     assert claim(store, now) is None
 
 
@@ -684,6 +701,111 @@ def test_recover_abandoned_ends_a_no_retry_job_and_a_cancel_requested_one(store:
     assert no_retry.outcome is not None and no_retry.outcome.error_type == "internal_server_error"
     assert cancelled.outcome is not None and cancelled.outcome.error_type == "client_cancelled"
     assert no_retry.state is cancelled.state is State.COMPLETED
+
+
+def counts(job: Job) -> tuple[int, int, int]:
+    return job.failures, job.interruptions, job.storage_failures
+
+
+def test_release_for_a_shutdown_requeues_at_the_head_and_counts_nothing(store: JobStore) -> None:
+    now = time.time()
+    store.submit(new_job("running", start_deadline=now + 5))
+    submit_all(store, ["n0"])
+    submit_all(store, ["l0"], Priority.LOW)
+    # More shutdowns than any limit allows for anything: none of them is the request's doing.
+    shutdowns = MAX_FAILURES + MAX_INTERRUPTIONS + MAX_STORAGE_FAILURES
+    for turn in range(shutdowns):
+        job = store.claim("worker-a", LEASE, now + turn)
+        assert job is not None and job.request_id == "running"
+        assert store.release("running", "worker-a", Release.SHUTDOWN, now + turn) is State.IN_QUEUE
+        job = get(store, "running")
+        assert (job.state, job.priority, job.started_at) == (State.IN_QUEUE, Priority.RETRY, None)
+        assert counts(job) == (0, 0, 0)
+        assert positions(store, ["running", "n0", "l0"]) == [0, 1, 2]
+    assert [line.message for line in store.logs("running")] == [WARN_SHUTDOWN] * shutdowns
+    assert {line.level for line in store.logs("running")} == {"WARN"}
+    # It had started in time: its start deadline no longer applies to the re-run.
+    job = store.claim("worker-b", LEASE, now + 60)
+    assert job is not None and job.request_id == "running" and job.attempts == shutdowns + 1
+    assert store.complete("running", succeeded(), now + 61, worker_id="worker-b") is True
+
+
+def test_release_touches_only_this_workers_running_job(store: JobStore) -> None:
+    now = time.time()
+    submit_all(store, ["running", "queued", "done"])
+    claim(store, now)
+    store.complete("done", succeeded(), now)
+    for reason in Release:
+        assert store.release("running", "worker-b", reason, now) is None
+        assert store.release("queued", "worker-a", reason, now) is None
+        assert store.release("done", "worker-a", reason, now) is None
+        assert store.release("unknown", "worker-a", reason, now) is None
+    assert get(store, "running").state is State.IN_PROGRESS
+    assert positions(store, ["running", "queued"]) == [None, 0]
+    assert get(store, "done").outcome == succeeded()
+    assert counts(get(store, "running")) == (0, 0, 0)
+    assert store.logs("running") == store.logs("queued") == store.logs("done") == []
+
+
+def test_release_ends_a_cancelled_job_and_a_no_retry_one(store: JobStore) -> None:
+    now = time.time()
+    for name in ["cancelled", "no-retry", "no-retry-storage"]:
+        store.submit(new_job(name, no_retry=name.startswith("no-retry")))
+        claim(store, now)
+    assert store.cancel("cancelled", "alice", now) is CancelResult.REQUESTED
+    assert store.release("cancelled", "worker-a", Release.SHUTDOWN, now) is State.COMPLETED
+    assert store.release("no-retry", "worker-a", Release.SHUTDOWN, now) is State.COMPLETED
+    assert store.release("no-retry-storage", "worker-a", Release.STORAGE_FULL, now) is State.COMPLETED
+    ended = {name: get(store, name).outcome for name in ["cancelled", "no-retry", "no-retry-storage"]}
+    assert ended["cancelled"] is not None and ended["cancelled"].error_type == "client_cancelled"
+    assert ended["no-retry"] is not None and ended["no-retry"].error_type == "internal_server_error"
+    assert "x-fal-no-retry" in (ended["no-retry"].error or "")
+    assert ended["no-retry-storage"] is not None
+    assert (ended["no-retry-storage"].status_code, ended["no-retry-storage"].error_type) == (
+        503,
+        "storage_error",
+    )
+    assert claim(store, now) is None
+
+
+def test_storage_failures_requeue_until_the_limit_then_end_with_storage_error(store: JobStore) -> None:
+    now = time.time()
+    store.submit(new_job("a", webhook_url="https://hooks.example/a"))
+    for failure in range(1, MAX_STORAGE_FAILURES + 1):
+        job = store.claim("worker-a", LEASE, now + failure)
+        assert job is not None and job.request_id == "a"
+        state = store.release("a", "worker-a", Release.STORAGE_FULL, now + failure)
+        # Exactly MAX_STORAGE_FAILURES end it: one fewer re-queues it.
+        assert state is (State.COMPLETED if failure == MAX_STORAGE_FAILURES else State.IN_QUEUE), failure
+        assert counts(get(store, "a")) == (0, 0, failure)
+    job = get(store, "a")
+    assert job.outcome is not None
+    assert (job.outcome.status_code, job.outcome.error_type) == (503, "storage_error")
+    assert job.outcome.error is not None and "disk is full" in job.outcome.error
+    assert job.outcome.body == {"detail": job.outcome.error, "error_type": "storage_error"}
+    assert [line.message for line in store.logs("a")] == [WARN_STORAGE] * (MAX_STORAGE_FAILURES - 1)
+    assert len(store.webhook_deliveries("a")) == 1  # its end is notified like any other
+
+
+def test_each_cause_of_a_rerun_is_counted_on_its_own(store: JobStore) -> None:
+    """One short of every limit at once still runs again: no cause is charged for another's."""
+    now = time.time()
+    store.submit(new_job("a"))
+    for _ in range(MAX_FAILURES - 1):
+        store.claim("worker-a", 10.0, now)
+        now += 11
+        assert store.recover_abandoned(now) == 1
+    for _ in range(MAX_STORAGE_FAILURES - 1):
+        store.claim("worker-a", 10.0, now)
+        assert store.release("a", "worker-a", Release.STORAGE_FULL, now) is State.IN_QUEUE
+    store.claim("worker-a", 10.0, now)
+    assert store.release("a", "worker-a", Release.SHUTDOWN, now) is State.IN_QUEUE
+    job = get(store, "a")
+    assert job.state is State.IN_QUEUE
+    assert counts(job) == (MAX_FAILURES - 1, 0, MAX_STORAGE_FAILURES - 1)
+    job = store.claim("worker-b", LEASE, now)
+    assert job is not None and job.request_id == "a"
+    assert store.complete("a", succeeded(), now, worker_id="worker-b") is True
 
 
 # -- logs ------------------------------------------------------------------------------------------
@@ -751,13 +873,93 @@ def test_expired_outputs_respects_the_limit(store: JobStore) -> None:
     assert sorted(request_id for request_id, _ in [*first, *rest]) == names
 
 
+def finish_with_logs(store: JobStore, name: str, now: float, ttl: float, **fields: Any) -> None:
+    store.submit(new_job(name, output_ttl_seconds=ttl, **fields))
+    store.append_log(name, "step 1/2", "INFO", now)
+    store.complete(name, invalid(), now)
+
+
+def test_an_expired_request_keeps_only_a_tombstone(store: JobStore) -> None:
+    now = time.time()
+    finish_with_logs(store, "expired", now, ttl=10.0)
+    finish_with_logs(store, "kept", now, ttl=1000.0)
+    before = get(store, "expired")
+    store.mark_output_expired("expired")
+    tombstone = get(store, "expired")
+    assert store.logs("expired") == []
+    assert tombstone.input == {} and tombstone.outcome is not None and tombstone.outcome.body == {}
+    # What status reads is still there: how it ended.
+    assert before.outcome is not None
+    assert (tombstone.state, tombstone.output_expired) == (State.COMPLETED, True)
+    assert (tombstone.outcome.status_code, tombstone.outcome.error, tombstone.outcome.error_type) == (
+        before.outcome.status_code,
+        before.outcome.error,
+        before.outcome.error_type,
+    )
+    summary = store.summary("expired")
+    assert summary is not None and summary.output_expired and summary.error_type == "image_load_error"
+    # Nothing of the other request went.
+    assert [line.message for line in store.logs("kept")] == ["step 1/2"]
+    assert get(store, "kept").input == new_job().input and get(store, "kept").outcome == invalid()
+
+
+def test_tombstones_are_pruned_after_the_retention_with_their_finished_webhooks(store: JobStore) -> None:
+    now = time.time()
+    finish_with_logs(store, "early", now, ttl=10.0, webhook_url="https://hooks.example/early")
+    finish_with_logs(store, "later", now, ttl=20.0)
+    finish_with_logs(store, "not-expired", now, ttl=10.0)  # its outputs were never swept
+    finish_with_logs(store, "hook-pending", now, ttl=10.0, webhook_url="https://hooks.example/pending")
+    for name in ["early", "later", "hook-pending"]:
+        store.mark_output_expired(name)
+    (delivered,) = store.webhook_deliveries("early")
+    store.webhook_attempted(delivered.delivery_id, True, None, "HTTP 200")
+
+    assert store.prune_records(now + 10.0, 100) == 0  # expired exactly then: not before
+    assert store.prune_records(now + 10.5, 100) == 1
+    assert store.get("early") is None and store.summary("early") is None
+    assert store.webhook_deliveries("early") == []
+    # A webhook still to be tried keeps its request's record until it is delivered or given up.
+    assert get(store, "hook-pending").output_expired
+    (pending,) = store.webhook_deliveries("hook-pending")
+    store.webhook_attempted(pending.delivery_id, False, None, "HTTP 500")  # given up
+    assert store.prune_records(now + 10.5, 100) == 1
+    assert store.get("hook-pending") is None and store.webhook_deliveries("hook-pending") == []
+    assert get(store, "later").output_expired
+    assert store.prune_records(now + 1000.0, 100) == 1
+    assert store.get("later") is None
+    assert get(store, "not-expired").outcome == invalid()
+    assert [line.message for line in store.logs("not-expired")] == ["step 1/2"]
+    assert store.prune_records(now + 1000.0, 100) == 0
+
+
+def test_prune_records_respects_the_limit(store: JobStore) -> None:
+    now = time.time()
+    names = [f"j{i}" for i in range(5)]
+    for name in names:
+        finish_with_logs(store, name, now, ttl=1.0)
+        store.mark_output_expired(name)
+    assert [store.prune_records(now + 2, 2) for _ in range(4)] == [2, 2, 1, 0]
+    assert [store.get(name) for name in names] == [None] * 5
+
+
 # -- webhooks --------------------------------------------------------------------------------------
+
+
+def delivery_of(store: JobStore, request_id: str) -> Any:
+    (delivery,) = store.webhook_deliveries(request_id)
+    return delivery
 
 
 def one_delivery(store: JobStore, now: float) -> Any:
     due = store.due_webhooks(now, 10)
     assert len(due) == 1, due
-    return due[0]
+    return delivery_of(store, due[0].request_id)
+
+
+def finished_with_webhook(store: JobStore, name: str, now: float) -> int:
+    store.submit(new_job(name, webhook_url=f"https://hooks.example/{name}"))
+    store.complete(name, succeeded(), now)
+    return delivery_of(store, name).delivery_id
 
 
 def test_completing_a_job_queues_exactly_one_webhook_with_the_contract_body(store: JobStore) -> None:
@@ -770,11 +972,12 @@ def test_completing_a_job_queues_exactly_one_webhook_with_the_contract_body(stor
     assert store.complete("a", outcome, now) is False
     assert store.due_webhooks(now - 1, 10) == []
     delivery = one_delivery(store, now)
-    assert (delivery.request_id, delivery.url, delivery.user_id, delivery.attempts) == (
+    assert (delivery.request_id, delivery.url, delivery.user_id, delivery.attempts, delivery.state) == (
         "a",
         "https://hooks.example/done",
         "alice",
         0,
+        "pending",
     )
     assert json.loads(delivery.body) == {
         "request_id": "a",
@@ -808,8 +1011,9 @@ def test_cancelled_and_timed_out_jobs_queue_their_webhooks(store: JobStore) -> N
     assert store.cancel("cancelled", "alice", now) is CancelResult.CANCELLED
     assert store.expire_unstarted(now) == 1
     store.complete("quiet", succeeded(), now)
-    bodies = {delivery.request_id: json.loads(delivery.body) for delivery in store.due_webhooks(now, 10)}
-    assert set(bodies) == {"cancelled", "late"}
+    assert {due.request_id for due in store.due_webhooks(now, 10)} == {"cancelled", "late"}
+    assert store.webhook_deliveries("quiet") == []
+    bodies = {name: json.loads(delivery_of(store, name).body) for name in ["cancelled", "late"]}
     assert bodies["cancelled"]["status"] == "ERROR"
     assert bodies["cancelled"]["error"] == "Invalid status code: 400"
     assert bodies["cancelled"]["payload"]["error_type"] == "client_cancelled"
@@ -819,35 +1023,151 @@ def test_cancelled_and_timed_out_jobs_queue_their_webhooks(store: JobStore) -> N
 
 def test_webhook_delivery_states(store: JobStore) -> None:
     now = time.time()
-    for name in ["delivered", "retried", "given-up"]:
-        store.submit(new_job(name, webhook_url=f"https://hooks.example/{name}"))
-        store.complete(name, succeeded(), now)
-    due = {delivery.request_id: delivery for delivery in store.due_webhooks(now, 10)}
-    assert set(due) == {"delivered", "retried", "given-up"}
+    ids = {name: finished_with_webhook(store, name, now) for name in ["delivered", "retried", "given-up"]}
+    for delivery_id in ids.values():
+        assert store.start_webhook(delivery_id, now, now + 50) is not None
 
-    store.webhook_attempted(due["delivered"].delivery_id, True, None, "HTTP 200")
-    store.webhook_attempted(due["retried"].delivery_id, False, now + 30, "HTTP 500")
-    store.webhook_attempted(due["given-up"].delivery_id, False, None, "HTTP 500")
+    store.webhook_attempted(ids["delivered"], True, None, "HTTP 200")
+    store.webhook_attempted(ids["retried"], False, now + 30, "HTTP 500")
+    store.webhook_attempted(ids["given-up"], False, None, "HTTP 500")
+    assert [(d.state, d.attempts) for d in store.webhook_deliveries("delivered")] == [("delivered", 1)]
+    assert [(d.state, d.attempts, d.last_error) for d in store.webhook_deliveries("given-up")] == [
+        ("failed", 1, "HTTP 500")
+    ]
     assert store.due_webhooks(now + 29, 10) == []
     retry = one_delivery(store, now + 30)
-    assert retry.request_id == "retried" and retry.attempts == 1
-    assert retry.body == due["retried"].body
+    assert (retry.request_id, retry.attempts, retry.state) == ("retried", 1, "pending")
+    assert retry.last_error == "HTTP 500"
 
+    started = store.start_webhook(retry.delivery_id, now + 30, now + 80)
+    assert started is not None and started.body == retry.body and started.state == "sending"
     store.webhook_attempted(retry.delivery_id, False, now + 90, "connection refused")
     assert store.due_webhooks(now + 89, 10) == []
     retry = one_delivery(store, now + 90)
-    assert retry.attempts == 2
+    assert retry.attempts == 2 and retry.last_error == "connection refused"
+    store.start_webhook(retry.delivery_id, now + 90, now + 140)
     store.webhook_attempted(retry.delivery_id, True, None, "HTTP 204")
+    assert store.due_webhooks(now + 10_000, 10) == []
+    assert delivery_of(store, "retried").state == "delivered"
+
+
+def test_a_webhook_in_flight_is_not_due_until_its_deadline_lapses(store: JobStore) -> None:
+    now = time.time()
+    delivery_id = finished_with_webhook(store, "a", now)
+    started = store.start_webhook(delivery_id, now, now + 50)
+    assert started is not None and (started.request_id, started.attempts) == ("a", 0)
+    assert store.due_webhooks(now + 49, 10) == []
+    assert store.start_webhook(delivery_id, now + 49, now + 99) is None  # in flight: nobody else takes it
+    assert delivery_of(store, "a").state == "sending"
+
+    # The sender died mid-send: once the deadline lapses the delivery is due again, the lost try uncounted.
+    assert [due.delivery_id for due in store.due_webhooks(now + 50, 10)] == [delivery_id]
+    again = store.start_webhook(delivery_id, now + 50, now + 100)
+    assert again is not None and again.attempts == 0 and again.body == started.body
+
+
+def test_a_webhook_that_ended_is_never_started_or_counted_again(store: JobStore) -> None:
+    now = time.time()
+    delivered = finished_with_webhook(store, "delivered", now)
+    failed = finished_with_webhook(store, "failed", now)
+    for delivery_id in (delivered, failed):
+        store.start_webhook(delivery_id, now, now + 50)
+    store.webhook_attempted(delivered, True, None, "HTTP 200")
+    store.webhook_attempted(failed, False, None, "HTTP 500")
+    for delivery_id in (delivered, failed):
+        assert store.start_webhook(delivery_id, now + 10_000, now + 10_050) is None
+        store.webhook_attempted(delivery_id, False, now + 5, "late report")  # a stray report: no change
+    assert store.release_webhooks(now + 10_000) == 0
+    done, gave_up = delivery_of(store, "delivered"), delivery_of(store, "failed")
+    assert (done.state, done.attempts) == ("delivered", 1)
+    assert (gave_up.state, gave_up.attempts, gave_up.last_error) == ("failed", 1, "HTTP 500")
     assert store.due_webhooks(now + 10_000, 10) == []
 
 
-def test_due_webhooks_respects_the_limit_oldest_first(store: JobStore) -> None:
+def test_release_webhooks_makes_tries_cut_short_due_now_without_counting_them(store: JobStore) -> None:
     now = time.time()
-    for index in range(4):
+    ids = {name: finished_with_webhook(store, name, now) for name in ["a", "b", "c", "waiting"]}
+    for name in ["a", "b", "c"]:
+        store.start_webhook(ids[name], now, now + 50)
+    store.start_webhook(ids["waiting"], now, now + 50)
+    store.webhook_attempted(ids["waiting"], False, now + 30, "HTTP 500")
+
+    # Named (a shutdown stopped these): only those, and only while in flight.
+    assert store.release_webhooks(now + 1, [ids["a"], ids["waiting"]]) == 1
+    assert [due.request_id for due in store.due_webhooks(now + 1, 10)] == ["a"]
+    assert (delivery_of(store, "a").state, delivery_of(store, "a").attempts) == ("pending", 0)
+    assert delivery_of(store, "waiting").state == "pending"
+    assert store.due_webhooks(now + 29, 10) == store.due_webhooks(now + 1, 10)  # its retry time is kept
+
+    # All (at start-up): every delivery still in flight, whatever its deadline.
+    assert store.release_webhooks(now + 2) == 2
+    assert [due.request_id for due in store.due_webhooks(now + 2, 10)] == ["a", "b", "c"]
+    assert all(delivery_of(store, name).attempts == 0 for name in ["a", "b", "c"])
+    assert store.release_webhooks(now + 3) == 0
+
+
+def test_a_webhook_in_flight_when_the_store_closed_is_released_on_reopening(store_kind: StoreKind) -> None:
+    now = time.time()
+    store = store_kind.open()
+    delivery_id = finished_with_webhook(store, "a", now)
+    store.start_webhook(delivery_id, now, now + 50)
+    store.close()  # the process died mid-send
+
+    reopened = store_kind.open()
+    assert delivery_of(reopened, "a").state == "sending"
+    assert reopened.due_webhooks(now + 1, 10) == []
+    assert reopened.release_webhooks(now + 1) == 1
+    assert [due.delivery_id for due in reopened.due_webhooks(now + 1, 10)] == [delivery_id]
+
+
+def test_due_webhooks_respects_the_limit_oldest_first_and_pages_on(store: JobStore) -> None:
+    now = time.time()
+    for index in range(5):
         name = f"j{index}"
         store.submit(new_job(name, webhook_url="https://hooks.example/x"))
-        store.complete(name, succeeded(), now + index)
-    assert [delivery.request_id for delivery in store.due_webhooks(now + 10, 2)] == ["j0", "j1"]
+        store.complete(name, succeeded(), now + index % 3)  # j0 j3, j1 j4, j2: ties broken by age
+    first = store.due_webhooks(now + 10, 2)
+    assert [due.request_id for due in first] == ["j0", "j3"]
+    assert all(due.url == "https://hooks.example/x" for due in first)
+    second = store.due_webhooks(now + 10, 2, after=first[-1])
+    assert [due.request_id for due in second] == ["j1", "j4"]
+    assert [due.request_id for due in store.due_webhooks(now + 10, 2, after=second[-1])] == ["j2"]
+    assert store.due_webhooks(now + 10, 2, after=store.due_webhooks(now + 10, 5)[-1]) == []
+    # Due means due: an in-flight one whose deadline lapsed counts, one still in flight does not.
+    store.start_webhook(first[0].delivery_id, now + 10, now + 20)
+    store.start_webhook(first[1].delivery_id, now + 10, now + 100)
+    assert [due.request_id for due in store.due_webhooks(now + 20, 10)] == ["j1", "j4", "j2", "j0"]
+
+
+def test_a_webhook_database_from_before_in_flight_marks_keeps_its_deliveries(sqlite_path: Path) -> None:
+    import sqlite3
+
+    # The first release's table and index, with a delivery waiting for its retry.
+    connection = sqlite3.connect(sqlite_path)
+    connection.executescript(
+        """
+        CREATE TABLE webhook_deliveries (
+            delivery_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            request_id TEXT NOT NULL, url TEXT NOT NULL, user_id TEXT NOT NULL, body BLOB NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, state TEXT NOT NULL DEFAULT 'pending',
+            last_error TEXT
+        );
+        CREATE INDEX webhook_due ON webhook_deliveries(next_attempt_at) WHERE state = 'pending';
+        INSERT INTO webhook_deliveries (request_id, url, user_id, body, attempts, next_attempt_at, last_error)
+            VALUES ('old', 'https://hooks.example/old', 'alice', X'7B7D', 2, 100.0, 'HTTP 500');
+        """
+    )
+    connection.close()
+    store = SQLiteJobStore(sqlite_path)
+    try:
+        (due,) = store.due_webhooks(100.0, 10)
+        started = store.start_webhook(due.delivery_id, 100.0, 150.0)
+        assert started is not None
+        assert (started.request_id, started.attempts, started.body) == ("old", 2, b"{}")
+        store.webhook_attempted(due.delivery_id, True, None, "HTTP 200")
+        assert delivery_of(store, "old").state == "delivered"
+    finally:
+        store.close()
 
 
 # -- ownership and reopening ------------------------------------------------------------------------
@@ -908,16 +1228,15 @@ def _died(store: SQLiteJobStore, request_id: str, times: int, now: float) -> Non
 def test_recover_after_restart(sqlite_path: Path) -> None:
     now = time.time()
     before = SQLiteJobStore(sqlite_path)
-    before.submit(new_job("tired"))
-    _died(before, "tired", MAX_ATTEMPTS - 1, now)
+    before.submit(new_job("unlucky"))
+    _died(before, "unlucky", MAX_FAILURES - 1, now)  # one lapsed lease short of being failed
     before.submit(new_job("interrupted"))
     before.submit(new_job("no-retry", no_retry=True))
     before.submit(new_job("cancel-me"))
     before.submit(new_job("queued-normal"))
     before.submit(new_job("queued-low", priority=Priority.LOW))
     running = [before.claim("worker-old", 3600.0, now) for _ in range(4)]  # leases far from lapsing
-    assert [job.request_id for job in running if job] == ["tired", "interrupted", "no-retry", "cancel-me"]
-    assert get(before, "tired").attempts == MAX_ATTEMPTS
+    assert [job.request_id for job in running if job] == ["unlucky", "interrupted", "no-retry", "cancel-me"]
     assert before.cancel("cancel-me", "alice", now) is CancelResult.REQUESTED
     before.close()  # the process died: nothing else happens to the running jobs
 
@@ -928,22 +1247,26 @@ def test_recover_after_restart(sqlite_path: Path) -> None:
         assert interrupted.state is State.IN_QUEUE
         assert interrupted.priority is Priority.RETRY
         assert interrupted.started_at is None
-        assert positions(after, ["interrupted", "queued-normal", "queued-low"]) == [0, 1, 2]
+        assert counts(interrupted) == (0, 1, 0)
+        assert positions(after, ["unlucky", "interrupted", "queued-normal", "queued-low"]) == [0, 1, 2, 3]
         warnings = [line for line in after.logs("interrupted") if line.level == "WARN"]
-        assert [line.message for line in warnings] == [WARN_REQUEUED]
+        assert [line.message for line in warnings] == [WARN_RESTARTED]
         assert warnings[0].timestamp == pytest.approx(now + 5)
+
+        # The crash was not its fault: a request one lapse short of the limit runs again.
+        unlucky = get(after, "unlucky")
+        assert unlucky.state is State.IN_QUEUE
+        assert counts(unlucky) == (MAX_FAILURES - 1, 1, 0)
+        assert [line.message for line in after.logs("unlucky")] == [WARN_REQUEUED] * (MAX_FAILURES - 1) + [
+            WARN_RESTARTED
+        ]
 
         no_retry = get(after, "no-retry")
         assert no_retry.state is State.COMPLETED
         assert no_retry.outcome is not None
         assert (no_retry.outcome.status_code, no_retry.outcome.error_type) == (500, "internal_server_error")
         assert no_retry.outcome.body["error_type"] == "internal_server_error"
-
-        tired = get(after, "tired")
-        assert tired.state is State.COMPLETED
-        assert tired.outcome is not None and tired.outcome.error_type == "internal_server_error"
-        # Re-queued twice before, failed (not re-queued) the third time.
-        assert [line.message for line in after.logs("tired")] == [WARN_REQUEUED] * (MAX_ATTEMPTS - 1)
+        assert "x-fal-no-retry" in (no_retry.outcome.error or "")
 
         cancelled = get(after, "cancel-me")
         assert cancelled.state is State.COMPLETED
@@ -952,10 +1275,39 @@ def test_recover_after_restart(sqlite_path: Path) -> None:
 
         assert after.recover_after_restart(now + 6) == 0
         job = after.claim("worker-new", LEASE, now + 7)
-        assert job is not None and job.request_id == "interrupted" and job.attempts == 2
-        assert claimed_ids(after, now + 7) == ["queued-normal", "queued-low"]
+        # Started MAX_FAILURES - 1 times before, once when the server died, and now.
+        assert job is not None and job.request_id == "unlucky" and job.attempts == MAX_FAILURES + 1
+        assert claimed_ids(after, now + 7) == ["interrupted", "queued-normal", "queued-low"]
     finally:
         after.close()
+
+
+def test_a_request_the_server_keeps_dying_under_ends_with_a_clear_error(sqlite_path: Path) -> None:
+    """A request that kills the server each time it runs must not loop for ever: MAX_INTERRUPTIONS ends it."""
+    now = time.time()
+    store = SQLiteJobStore(sqlite_path)
+    store.submit(new_job("poison"))
+    store.submit(new_job("next"))
+    try:
+        for crash in range(1, MAX_INTERRUPTIONS + 1):
+            job = store.claim("worker-old", 3600.0, now + crash)
+            assert job is not None and job.request_id == "poison"
+            store.close()
+            store = SQLiteJobStore(sqlite_path)
+            assert store.recover_after_restart(now + crash) == 1
+            job = get(store, "poison")
+            assert counts(job) == (0, crash, 0)
+            # Exactly MAX_INTERRUPTIONS end it: one fewer re-queues it.
+            assert job.state is (State.COMPLETED if crash == MAX_INTERRUPTIONS else State.IN_QUEUE), crash
+        assert job.outcome is not None
+        assert (job.outcome.status_code, job.outcome.error_type) == (500, "internal_server_error")
+        assert job.outcome.error == (
+            f"The server stopped {MAX_INTERRUPTIONS} times while this request ran; it is not run again"
+        )
+        assert [line.message for line in store.logs("poison")] == [WARN_RESTARTED] * (MAX_INTERRUPTIONS - 1)
+        assert claimed_ids(store, now + 100) == ["next"]
+    finally:
+        store.close()
 
 
 def test_queue_position_reads_one_consistent_snapshot(sqlite_store: SQLiteJobStore) -> None:
@@ -984,6 +1336,189 @@ def test_queue_position_reads_one_consistent_snapshot(sqlite_store: SQLiteJobSto
         assert sqlite_store.queue_position("n3") in (2, 1)  # before or after the claim, nothing else
     assert interfered
     assert sqlite_store.queue_position("n3") == 1
+
+
+def database_handles(path: Path) -> list[str]:
+    """This process's open file descriptors on the database and its -wal and -shm companions."""
+    handles = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # an fd closed while we looked
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(path)):
+                handles.append(target)
+    return handles
+
+
+# Each connection holds the database and its -wal file; the -shm file is shared by the process.
+MAX_HANDLES = 2 * POOL_SIZE + 1
+
+
+def test_database_handles_stay_bounded_whatever_the_threads(
+    sqlite_store: SQLiteJobStore, sqlite_path: Path
+) -> None:
+    """Rounds of short-lived threads (as the API's threadpool retires and starts them): connections are
+    the pool's, not the threads', so their number stays at most POOL_SIZE and does not grow."""
+
+    def burst(threads: int) -> None:
+        start = threading.Barrier(threads)
+
+        def one_request() -> None:
+            start.wait()
+            name = str(uuid.uuid4())
+            sqlite_store.submit(new_job(name))
+            assert sqlite_store.queue_position(name) is not None
+            assert get(sqlite_store, name).state is State.IN_QUEUE
+            sqlite_store.append_log(name, "hello", "INFO", time.time())
+
+        running = [threading.Thread(target=one_request) for _ in range(threads)]
+        for thread in running:
+            thread.start()
+        for thread in running:
+            thread.join()
+
+    after_each = []
+    for _ in range(4):
+        burst(3 * POOL_SIZE)
+        assert sqlite_store.open_connections() <= POOL_SIZE
+        after_each.append(len(database_handles(sqlite_path)))
+    assert max(after_each) <= MAX_HANDLES, after_each  # 96 threads came and went
+
+
+def test_the_pool_lends_at_most_its_size_at_once_and_every_borrower_is_served(
+    sqlite_store: SQLiteJobStore,
+) -> None:
+    held, most = [0], [0]
+    lock = threading.Lock()
+    full = threading.Event()
+
+    def borrow() -> None:
+        with sqlite_store._read():
+            with lock:
+                held[0] += 1
+                most[0] = max(most[0], held[0])
+                if held[0] == POOL_SIZE:
+                    full.set()
+            full.wait(10)  # hold on until the pool is exhausted once, so later borrowers must queue
+            with lock:
+                held[0] -= 1
+
+    borrowers = [threading.Thread(target=borrow) for _ in range(3 * POOL_SIZE)]
+    for thread in borrowers:
+        thread.start()
+    for thread in borrowers:
+        thread.join(20)
+    assert not any(thread.is_alive() for thread in borrowers)
+    assert full.is_set() and most[0] == POOL_SIZE
+    assert sqlite_store.open_connections() == POOL_SIZE
+
+
+def test_a_write_that_waits_too_long_is_refused_as_unavailable_with_nothing_changed(
+    sqlite_store: SQLiteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kontextd.jobs.sqlite.WAIT_SECONDS", 0.2)
+    sqlite_store.submit(new_job("a"))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_write_turn() -> None:
+        with sqlite_store._write():
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_write_turn)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        with pytest.raises(StoreUnavailable, match="busy"):
+            sqlite_store.submit(new_job("b"))
+        assert sqlite_store.get("b") is None
+        assert sqlite_store.queue_position("a") == 0  # reads go on meanwhile
+    finally:
+        release.set()
+        holder.join()
+    assert sqlite_store.submit(new_job("b")) == 1
+
+
+# The first release's schema: what a database made by it holds before this release opens it.
+FIRST_RELEASE_SCHEMA = """
+CREATE TABLE jobs (
+    request_id TEXT PRIMARY KEY, gateway_request_id TEXT NOT NULL, app_id TEXT NOT NULL, owner TEXT NOT NULL,
+    lane TEXT NOT NULL, input_json TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL,
+    ticket INTEGER NOT NULL, created_at REAL NOT NULL, started_at REAL, completed_at REAL,
+    start_deadline REAL, cancel_requested INTEGER NOT NULL DEFAULT 0, no_retry INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT, lease_expires_at REAL, attempts INTEGER NOT NULL DEFAULT 0, webhook_url TEXT,
+    output_ttl REAL, outcome_json TEXT, result_json TEXT, expires_at REAL,
+    output_expired INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_queue ON jobs(lane, priority, ticket) WHERE state = 'IN_QUEUE';
+CREATE INDEX jobs_deadline ON jobs(start_deadline) WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+CREATE INDEX jobs_running ON jobs(lease_expires_at) WHERE state = 'IN_PROGRESS';
+CREATE INDEX jobs_expiry ON jobs(expires_at) WHERE output_expired = 0 AND expires_at IS NOT NULL;
+CREATE TABLE queue_tickets (
+    lane TEXT NOT NULL, priority INTEGER NOT NULL, next_ticket INTEGER NOT NULL, PRIMARY KEY (lane, priority)
+) WITHOUT ROWID;
+CREATE TABLE queue_holes (
+    lane TEXT NOT NULL, priority INTEGER NOT NULL, ticket INTEGER NOT NULL,
+    PRIMARY KEY (lane, priority, ticket)
+) WITHOUT ROWID;
+CREATE TABLE job_logs (
+    request_id TEXT NOT NULL, seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL
+);
+CREATE INDEX job_logs_request ON job_logs(request_id, seq);
+CREATE TABLE webhook_deliveries (
+    delivery_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL, url TEXT NOT NULL, user_id TEXT NOT NULL, body BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, state TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT
+);
+CREATE INDEX webhook_due ON webhook_deliveries(next_attempt_at) WHERE state = 'pending';
+-- A request that ran (ticket 0, claimed: a hole) when that release was killed, and one queued behind it.
+INSERT INTO queue_tickets VALUES ('local', 1, 2);
+INSERT INTO queue_holes VALUES ('local', 1, 0);
+INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, lane, input_json, state, priority, ticket,
+                  created_at, started_at, worker_id, lease_expires_at, attempts)
+    VALUES ('running', 'g-1', 'fal-ai/flux-kontext/dev', 'alice', 'local', '{"prompt": "a cat"}',
+            'IN_PROGRESS', 1, 0, 1.0, 2.0, 'old-worker', 9e9, 2);
+INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, lane, input_json, state, priority, ticket,
+                  created_at)
+    VALUES ('queued', 'g-2', 'fal-ai/flux-kontext/dev', 'alice', 'local', '{"prompt": "a dog"}',
+            'IN_QUEUE', 1, 1, 1.5);
+INSERT INTO job_logs (request_id, timestamp, level, message) VALUES ('running', 2.0, 'INFO', 'step 1/2');
+"""
+
+
+def test_a_database_made_by_the_first_release_keeps_working(sqlite_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as connection:
+        connection.executescript(FIRST_RELEASE_SCHEMA)
+    now = time.time()
+    for opening in range(2):  # the migration is idempotent: a second opening changes nothing
+        store = SQLiteJobStore(sqlite_path)
+        try:
+            if opening == 0:
+                assert positions(store, ["running", "queued"]) == [None, 0]
+                assert store.recover_after_restart(now) == 1
+                running = get(store, "running")
+                # Its attempts under the old release count as starts, not as failures.
+                assert (running.attempts, *counts(running)) == (2, 0, 1, 0)
+                assert positions(store, ["running", "queued"]) == [0, 1]
+                assert store.submit(new_job("new")) == 2
+                assert claimed_ids(store, now) == ["running", "queued", "new"]
+                assert store.complete("queued", succeeded(), now, worker_id="worker-a") is True
+                store.append_log("running", "step 1/2", "INFO", now)
+            else:
+                assert get(store, "queued").outcome == succeeded()
+                assert [line.message for line in store.logs("running")] == [
+                    "step 1/2",
+                    WARN_RESTARTED,
+                    "step 1/2",
+                ]
+                assert store.recover_after_restart(now) == 2
+        finally:
+            store.close()
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as connection:
+        names = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
+    assert len(names) == len(set(names))
+    assert {"failures", "interruptions", "storage_failures"} <= set(names)
 
 
 def test_summary_carries_what_status_needs_without_the_bodies(store: JobStore) -> None:

@@ -19,6 +19,13 @@ class Priority(enum.IntEnum):
     LOW = 2
 
 
+class Release(enum.Enum):
+    """Why a worker hands a running request back to the queue (JobStore.release)."""
+
+    SHUTDOWN = "SHUTDOWN"  # the server is stopping: not the request's doing, nothing counted
+    STORAGE_FULL = "STORAGE_FULL"  # its images could not be stored: retried once space returns, capped
+
+
 class CancelResult(enum.Enum):
     NOT_FOUND = "NOT_FOUND"
     ALREADY_COMPLETED = "ALREADY_COMPLETED"
@@ -72,10 +79,13 @@ class Job:
     started_at: float | None
     completed_at: float | None
     cancel_requested: bool
-    attempts: int
+    attempts: int  # times it was started
     webhook_url: str | None
     outcome: Outcome | None
     output_expired: bool
+    failures: int = 0  # times its worker was lost while the server ran (lease lapsed): its own doing
+    interruptions: int = 0  # times the server process died under it: not its fault, capped all the same
+    storage_failures: int = 0  # times its images could not be stored (disk full)
 
 
 @dataclass(frozen=True)
@@ -105,4 +115,16 @@ class WebhookDelivery:
     url: str
     user_id: str
     body: bytes
-    attempts: int
+    attempts: int  # finished tries; one cut short by a crash or shutdown does not count
+    state: str = "pending"  # pending, sending (a try in flight), delivered or failed (given up)
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class DueWebhook:
+    """A delivery due for a try, without its body (possibly megabytes): what the dispatcher schedules."""
+
+    delivery_id: int
+    request_id: str
+    url: str
+    due_at: float

@@ -4,6 +4,9 @@ Each backend (the local model, an upstream API) has its own queue lane, served b
 Queue positions are exact without counting the queue: each priority level of a lane hands out dense
 tickets, and a job's position is its distance from the head of its level, minus the jobs that left out of
 order ("holes"), plus the length of the lane's levels ahead of it. Every lookup is an index seek.
+
+Connections come from a small pool, lent for one operation at a time: threads come and go (the API's
+threadpool retires idle ones), the number of open database handles does not.
 """
 
 import contextlib
@@ -12,22 +15,26 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kontextd.jobs import outcomes
 from kontextd.jobs.model import (
     CancelResult,
+    DueWebhook,
     Job,
     JobSummary,
     LogLine,
     NewJob,
     Outcome,
     Priority,
+    Release,
     State,
     WebhookDelivery,
 )
+from kontextd.jobs.store import StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -62,6 +69,7 @@ CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs(start_deadline)
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs(lease_expires_at) WHERE state = 'IN_PROGRESS';
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs(expires_at)
     WHERE output_expired = 0 AND expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_tombstones ON jobs(expires_at) WHERE output_expired = 1;
 CREATE TABLE IF NOT EXISTS queue_tickets (
     lane TEXT NOT NULL, priority INTEGER NOT NULL, next_ticket INTEGER NOT NULL, PRIMARY KEY (lane, priority)
 ) WITHOUT ROWID;
@@ -80,18 +88,143 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL, state TEXT NOT NULL DEFAULT 'pending',
     last_error TEXT
 );
-CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries(next_attempt_at) WHERE state = 'pending';
+-- state: pending (next try at next_attempt_at), sending (a try in flight; next_attempt_at is its deadline,
+-- after which the sender is presumed dead and the delivery is due again), delivered, failed (given up).
+DROP INDEX IF EXISTS webhook_due;  -- superseded by webhook_due_or_lapsed: in-flight rows can fall due too
+CREATE INDEX IF NOT EXISTS webhook_due_or_lapsed ON webhook_deliveries(next_attempt_at)
+    WHERE state IN ('pending', 'sending');
+CREATE INDEX IF NOT EXISTS webhook_sending ON webhook_deliveries(delivery_id) WHERE state = 'sending';
+-- Pruning a request's record deletes its finished deliveries with it.
+CREATE INDEX IF NOT EXISTS webhook_deliveries_request ON webhook_deliveries(request_id);
 """
 
-MAX_ATTEMPTS = 3  # a request whose worker died this often is failed, not retried forever
+# Columns added since the first release, as (table, column, definition). SCHEMA above is the first
+# release's tables, so an old database and a new one are brought to the same shape by the same ALTERs.
+# Append only; definitions need a constant default (SQLite's ALTER TABLE ADD COLUMN rule).
+MIGRATIONS: list[tuple[str, str, str]] = [
+    # Times its worker was lost while this process ran (a lapsed lease): the request's own doing.
+    ("jobs", "failures", "INTEGER NOT NULL DEFAULT 0"),
+    # Times the server process died under it (found at start-up): not its fault, but capped.
+    ("jobs", "interruptions", "INTEGER NOT NULL DEFAULT 0"),
+    # Times its images could not be stored (disk full): re-run once space returns, up to a cap.
+    ("jobs", "storage_failures", "INTEGER NOT NULL DEFAULT 0"),
+]
+
+MAX_FAILURES = 3  # a request whose worker was lost this often (lease lapsed) is failed, not retried forever
+MAX_INTERRUPTIONS = 10  # a request the server died under this often is failed: it may be what kills it
+MAX_STORAGE_FAILURES = 5  # a request whose images could not be stored this often ends with storage_error
+POOL_SIZE = 8  # open connections at most, whatever the number of threads: one writes, the others read
+WAIT_SECONDS = 10.0  # for the write turn or a free connection; then the store is "busy" (503)
+
+REQUEUED_LEASE = "The worker running this request stopped; it was queued again"
+REQUEUED_RESTART = "The server stopped while this request ran; it was queued again"
+REQUEUED_SHUTDOWN = "The server is shutting down; this request was queued again and runs again from the start"
+REQUEUED_STORAGE = "Its images could not be stored (disk full); it was queued again"
 
 
 class DataDirInUse(RuntimeError):
     pass
 
 
+def _unavailable(error: sqlite3.Error) -> StoreUnavailable | None:
+    """The StoreUnavailable a failed write means, when it is about the disk or contention, not a bug."""
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    reasons = {
+        sqlite3.SQLITE_FULL: "the disk is full",
+        sqlite3.SQLITE_IOERR: "disk I/O error",
+        sqlite3.SQLITE_CANTOPEN: "the database file cannot be opened",
+        sqlite3.SQLITE_BUSY: "the database is busy",
+        sqlite3.SQLITE_LOCKED: "the database is busy",
+    }
+    if primary in reasons:
+        return StoreUnavailable(f"{reasons[primary]} ({getattr(error, 'sqlite_errorname', primary)})")
+    if "disk is full" in str(error) or "disk I/O" in str(error):
+        return StoreUnavailable(str(error))
+    return None
+
+
+class _Pool:
+    """At most `size` open connections, each lent to one thread for one operation, then returned."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._path = path
+        self._size = size
+        self._idle: list[sqlite3.Connection] = []
+        self._open = 0
+        self._changed = threading.Condition()
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        connection = self._take()
+        try:
+            yield connection
+        finally:
+            self._give_back(connection)
+
+    def _take(self) -> sqlite3.Connection:
+        deadline = time.monotonic() + WAIT_SECONDS
+        with self._changed:
+            while not self._closed and not self._idle and self._open >= self._size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreUnavailable(f"the database is busy: no connection free for {WAIT_SECONDS:g} s")
+                self._changed.wait(left)
+            if self._closed:
+                raise StoreUnavailable("the store is closed")
+            if self._idle:
+                return self._idle.pop()
+            self._open += 1
+        try:
+            return self._connect()
+        except BaseException:
+            with self._changed:
+                self._open -= 1
+                self._changed.notify()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            # FULL: a request we answered 200 to survives a power cut, not only a crash.
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.Error as error:
+            raise (_unavailable(error) or error) from error
+        return connection
+
+    def _give_back(self, connection: sqlite3.Connection) -> None:
+        # Never lend a connection half-way through a transaction: one whose rollback failed is dropped.
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+        with self._changed:
+            if connection.in_transaction or self._closed:
+                connection.close()
+                self._open -= 1
+            else:
+                self._idle.append(connection)
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            for connection in self._idle:
+                connection.close()
+            self._open -= len(self._idle)
+            self._idle.clear()
+            self._changed.notify_all()
+
+
 class SQLiteJobStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, pool_size: int = POOL_SIZE) -> None:
         self._path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         # The embedded store assumes it is the only process using this file: hold a lock for our lifetime.
@@ -101,43 +234,59 @@ class SQLiteJobStore:
         except BlockingIOError:
             self._lock_file.close()
             raise DataDirInUse(f"{path} is in use by another kontextd process") from None
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._connection().executescript(SCHEMA)
+        self._pool = _Pool(path, pool_size)
+        # One writer at a time, in this process: waiting here is fair and cheap, where waiting on SQLite's
+        # lock is polling, and it leaves the other connections to readers.
+        self._write_turn = threading.Lock()
+        try:
+            with self._pool.connection() as connection:
+                try:
+                    connection.executescript(SCHEMA)
+                except sqlite3.Error as error:
+                    raise (_unavailable(error) or error) from error
+            with self._write() as connection:
+                _migrate(connection)
+        except BaseException:
+            self.close()
+            raise
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA journal_mode=WAL")
-            # FULL: a request we answered 200 to survives a power cut, not only a crash.
-            connection.execute("PRAGMA synchronous=FULL")
-            connection.execute("PRAGMA busy_timeout=10000")
-            self._local.connection = connection
-            with self._connections_lock:
-                self._connections.append(connection)
-        return connection
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A connection for reads outside any transaction (each statement sees the latest commit)."""
+        with self._pool.connection() as connection:
+            yield connection
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
+        """One write transaction: all of it commits or none of it does. A full disk, an I/O error or a
+        database busy for too long raise StoreUnavailable (chained) with nothing changed."""
+        if not self._write_turn.acquire(timeout=WAIT_SECONDS):
+            raise StoreUnavailable(f"the database is busy: no write turn for {WAIT_SECONDS:g} s")
         try:
-            yield connection
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
+            with self._pool.connection() as connection:
+                try:
+                    connection.execute("BEGIN IMMEDIATE")
+                    yield connection
+                    connection.execute("COMMIT")
+                except BaseException as error:
+                    if connection.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                        with contextlib.suppress(sqlite3.Error):
+                            connection.execute("ROLLBACK")
+                    unavailable = _unavailable(error) if isinstance(error, sqlite3.Error) else None
+                    if unavailable is not None:
+                        raise unavailable from error
+                    raise
+        finally:
+            self._write_turn.release()
+
+    def open_connections(self) -> int:
+        """Database connections open now (at most the pool size)."""
+        return self._pool.open_connections
 
     def close(self) -> None:
-        with self._connections_lock:
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
+        self._pool.close()
         self._lock_file.close()
 
     # -- queue arithmetic ------------------------------------------------------------------------
@@ -222,21 +371,19 @@ class SQLiteJobStore:
             return self._position(connection, job.lane, int(job.priority), ticket)
 
     def get(self, request_id: str, owner: str | None = None) -> Job | None:
-        row = self._connection().execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        with self._read() as connection:
+            row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return _job(row)
 
     def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
-        row = (
-            self._connection()
-            .execute(
+        with self._read() as connection:
+            row = connection.execute(
                 "SELECT request_id, app_id, owner, state, outcome_json, output_expired FROM jobs"
                 " WHERE request_id = ?",
                 (request_id,),
-            )
-            .fetchone()
-        )
+            ).fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         ending = json.loads(row["outcome_json"]) if row["outcome_json"] is not None else {}
@@ -251,17 +398,17 @@ class SQLiteJobStore:
         )
 
     def queue_position(self, request_id: str) -> int | None:
-        connection = self._connection()
-        connection.execute("BEGIN")  # one snapshot: the reads below must not straddle another commit
-        try:
-            row = connection.execute(
-                "SELECT lane, priority, ticket, state FROM jobs WHERE request_id = ?", (request_id,)
-            ).fetchone()
-            if row is None or row["state"] != State.IN_QUEUE:
-                return None
-            return self._position(connection, row["lane"], row["priority"], row["ticket"])
-        finally:
-            connection.execute("COMMIT")
+        with self._read() as connection:
+            connection.execute("BEGIN")  # one snapshot: the reads below must not straddle another commit
+            try:
+                row = connection.execute(
+                    "SELECT lane, priority, ticket, state FROM jobs WHERE request_id = ?", (request_id,)
+                ).fetchone()
+                if row is None or row["state"] != State.IN_QUEUE:
+                    return None
+                return self._position(connection, row["lane"], row["priority"], row["ticket"])
+            finally:
+                connection.execute("COMMIT")
 
     def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
         with self._write() as connection:
@@ -349,11 +496,10 @@ class SQLiteJobStore:
             return CancelResult.REQUESTED
 
     def cancel_requested(self, request_id: str) -> bool:
-        row = (
-            self._connection()
-            .execute("SELECT cancel_requested FROM jobs WHERE request_id = ?", (request_id,))
-            .fetchone()
-        )
+        with self._read() as connection:
+            row = connection.execute(
+                "SELECT cancel_requested FROM jobs WHERE request_id = ?", (request_id,)
+            ).fetchone()
         return bool(row and row[0])
 
     # -- logs ------------------------------------------------------------------------------------
@@ -366,9 +512,11 @@ class SQLiteJobStore:
             )
 
     def logs(self, request_id: str) -> list[LogLine]:
-        rows = self._connection().execute(
-            "SELECT message, level, timestamp FROM job_logs WHERE request_id = ? ORDER BY seq", (request_id,)
-        )
+        with self._read() as connection:
+            rows = connection.execute(
+                "SELECT message, level, timestamp FROM job_logs WHERE request_id = ? ORDER BY seq",
+                (request_id,),
+            ).fetchall()
         return [LogLine(row["message"], row["level"], row["timestamp"]) for row in rows]
 
     # -- housekeeping ----------------------------------------------------------------------------
@@ -402,19 +550,33 @@ class SQLiteJobStore:
     def recover_abandoned(self, now: float) -> int:
         with self._write() as connection:
             rows = connection.execute(
-                "SELECT * FROM jobs WHERE state = 'IN_PROGRESS' AND lease_expires_at < ?", (now,)
+                "SELECT * FROM jobs WHERE state = 'IN_PROGRESS' AND lease_expires_at < ?"
+                " ORDER BY started_at, rowid",
+                (now,),
             ).fetchall()
             for row in rows:
-                self._requeue_or_fail(connection, row, now)
+                self._requeue_or_end(connection, row, now, _LEASE_LAPSED)
             return len(rows)
 
     def recover_after_restart(self, now: float) -> int:
-        """Every running job belongs to a dead process: this store is single-process (see the lock)."""
+        """Re-queue every running job, ahead of everything else: each belonged to a dead process, since this
+        store is single-process (see the lock). The crash is not the request's fault: it counts as an
+        interruption, not a failure; only a request interrupted MAX_INTERRUPTIONS times is ended (it may be
+        what kills the server). Returns how many were running."""
         with self._write() as connection:
-            rows = connection.execute("SELECT * FROM jobs WHERE state = 'IN_PROGRESS'").fetchall()
+            rows = connection.execute(
+                "SELECT * FROM jobs WHERE state = 'IN_PROGRESS' ORDER BY started_at, rowid"
+            ).fetchall()
             for row in rows:
-                self._requeue_or_fail(connection, row, now)
+                self._requeue_or_end(connection, row, now, _INTERRUPTED)
             return len(rows)
+
+    def release(self, request_id: str, worker_id: str, reason: Release, now: float) -> State | None:
+        with self._write() as connection:
+            row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            if row is None or row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id:
+                return None
+            return self._requeue_or_end(connection, row, now, _RELEASES[reason])
 
     def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
         """Move queued jobs whose app is now routed to another backend into that backend's lane, keeping
@@ -438,20 +600,21 @@ class SQLiteJobStore:
             self._prune_holes(connection)
         return moved
 
-    def _requeue_or_fail(self, connection: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
+    def _requeue_or_end(
+        self, connection: sqlite3.Connection, row: sqlite3.Row, now: float, why: "_Requeue"
+    ) -> State:
+        """Put a running job back at the head of its lane, or end it when it must not run again."""
+        count = row[why.counter] + 1 if why.counter else 0
+        if why.counter:
+            connection.execute(
+                f"UPDATE jobs SET {why.counter} = ? WHERE request_id = ?", (count, row["request_id"])
+            )
         if row["cancel_requested"]:
             self._finish(connection, row, outcomes.cancelled(), now)
         elif row["no_retry"]:
-            self._finish(
-                connection,
-                row,
-                outcomes.internal_error("The worker stopped; not retried (x-fal-no-retry)"),
-                now,
-            )
-        elif row["attempts"] >= MAX_ATTEMPTS:
-            self._finish(
-                connection, row, outcomes.internal_error(f"The worker stopped {MAX_ATTEMPTS} times"), now
-            )
+            self._finish(connection, row, why.not_retried(), now)
+        elif why.counter and count >= why.limit:
+            self._finish(connection, row, why.given_up(count), now)
         else:
             connection.execute(
                 # It did start in time once: the start deadline no longer applies to the re-run.
@@ -462,54 +625,105 @@ class SQLiteJobStore:
             self._enqueue(connection, row["request_id"], row["lane"], Priority.RETRY)
             connection.execute(
                 "INSERT INTO job_logs (request_id, timestamp, level, message) VALUES (?, ?, 'WARN', ?)",
-                (row["request_id"], now, "The worker running this request stopped; it was queued again"),
+                (row["request_id"], now, why.requeued),
             )
+            return State.IN_QUEUE
+        return State.COMPLETED
 
     def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
-        rows = self._connection().execute(
-            "SELECT request_id, outcome_json FROM jobs WHERE output_expired = 0 AND expires_at IS NOT NULL"
-            " AND expires_at < ? LIMIT ?",
-            (now, limit),
-        )
+        with self._read() as connection:
+            rows = connection.execute(
+                "SELECT request_id, outcome_json FROM jobs WHERE output_expired = 0"
+                " AND expires_at IS NOT NULL AND expires_at < ? LIMIT ?",
+                (now, limit),
+            ).fetchall()
         return [(row[0], json.loads(row[1])["output_keys"]) for row in rows]
 
     def mark_output_expired(self, request_id: str) -> None:
+        """Leave a tombstone: state and how it ended (status still answers, the result says 410); the
+        input and result bodies and the logs go."""
         with self._write() as connection:
             connection.execute(
-                "UPDATE jobs SET output_expired = 1, result_json = '{}' WHERE request_id = ?",
+                "UPDATE jobs SET output_expired = 1, result_json = '{}', input_json = '{}'"
+                " WHERE request_id = ?",
                 (request_id,),
             )
+            connection.execute("DELETE FROM job_logs WHERE request_id = ?", (request_id,))
+
+    def prune_records(self, expired_before: float, limit: int) -> int:
+        with self._write() as connection:
+            # A delivery still to be tried keeps its request's record until it is delivered or given up.
+            rows = connection.execute(
+                "SELECT request_id FROM jobs WHERE output_expired = 1 AND expires_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS w WHERE w.request_id = jobs.request_id"
+                " AND w.state NOT IN ('delivered', 'failed')) LIMIT ?",
+                (expired_before, limit),
+            ).fetchall()
+            names = json.dumps([row[0] for row in rows])
+            for table in ("job_logs", "webhook_deliveries", "jobs"):
+                connection.execute(
+                    f"DELETE FROM {table} WHERE request_id IN (SELECT value FROM json_each(?))", (names,)
+                )
+            return len(rows)
 
     # -- webhooks --------------------------------------------------------------------------------
 
-    def due_webhooks(self, now: float, limit: int) -> list[WebhookDelivery]:
-        rows = self._connection().execute(
-            "SELECT * FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at LIMIT ?",
-            (now, limit),
+    def due_webhooks(self, now: float, limit: int, after: DueWebhook | None = None) -> list[DueWebhook]:
+        # The state test must read exactly as the partial index's for SQLite to use it.
+        query = (
+            "SELECT delivery_id, request_id, url, next_attempt_at FROM webhook_deliveries"
+            " WHERE state IN ('pending', 'sending') AND next_attempt_at <= ?"
         )
-        return [
-            WebhookDelivery(
-                row["delivery_id"],
-                row["request_id"],
-                row["url"],
-                row["user_id"],
-                row["body"],
-                row["attempts"],
-            )
-            for row in rows
-        ]
+        params: list[Any] = [now]
+        if after is not None:
+            query += " AND (next_attempt_at, delivery_id) > (?, ?)"
+            params += [after.due_at, after.delivery_id]
+        with self._read() as connection:
+            rows = connection.execute(
+                query + " ORDER BY next_attempt_at, delivery_id LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [DueWebhook(row[0], row[1], row[2], row[3]) for row in rows]
+
+    def start_webhook(self, delivery_id: int, now: float, deadline: float) -> WebhookDelivery | None:
+        with self._write() as connection:
+            row = connection.execute(
+                "UPDATE webhook_deliveries SET state = 'sending', next_attempt_at = ?"
+                " WHERE delivery_id = ? AND state IN ('pending', 'sending') AND next_attempt_at <= ?"
+                " RETURNING *",
+                (deadline, delivery_id, now),
+            ).fetchone()
+        return None if row is None else _delivery(row)
 
     def webhook_attempted(
         self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
     ) -> None:
         state = "delivered" if delivered else ("pending" if next_attempt_at is not None else "failed")
         with self._write() as connection:
+            # A delivery that already ended stays as it ended: a late report must not count a try twice.
             connection.execute(
                 "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
-                " last_error = ? WHERE delivery_id = ?",
+                " last_error = ? WHERE delivery_id = ? AND state IN ('pending', 'sending')",
                 (state, next_attempt_at, error or None, delivery_id),
             )
+
+    def release_webhooks(self, now: float, delivery_ids: Collection[int] | None = None) -> int:
+        release = (
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ? WHERE state = 'sending'"
+        )
+        with self._write() as connection:
+            if delivery_ids is None:
+                return connection.execute(release, (now,)).rowcount
+            return connection.execute(
+                release + " AND delivery_id IN (SELECT value FROM json_each(?))",
+                (now, json.dumps(list(delivery_ids))),
+            ).rowcount
+
+    def webhook_deliveries(self, request_id: str) -> list[WebhookDelivery]:
+        with self._read() as connection:
+            rows = connection.execute(
+                "SELECT * FROM webhook_deliveries WHERE request_id = ? ORDER BY delivery_id", (request_id,)
+            ).fetchall()
+        return [_delivery(row) for row in rows]
 
 
 def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
@@ -521,6 +735,19 @@ def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
         "output_keys": list(outcome.output_keys),
         "served_by": outcome.served_by,
     }
+
+
+def _delivery(row: sqlite3.Row) -> WebhookDelivery:
+    return WebhookDelivery(
+        delivery_id=row["delivery_id"],
+        request_id=row["request_id"],
+        url=row["url"],
+        user_id=row["user_id"],
+        body=row["body"],
+        attempts=row["attempts"],
+        state=row["state"],
+        last_error=row["last_error"],
+    )
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -553,4 +780,62 @@ def _job(row: sqlite3.Row) -> Job:
         webhook_url=row["webhook_url"],
         outcome=outcome,
         output_expired=bool(row["output_expired"]),
+        failures=row["failures"],
+        interruptions=row["interruptions"],
+        storage_failures=row["storage_failures"],
     )
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    """Add the columns MIGRATIONS lists that the tables lack: a no-op on a database already migrated."""
+    for table, column, definition in MIGRATIONS:
+        present = {row["name"] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+
+def _storage_error(tries: int) -> Outcome:
+    message = "The server's disk is full: this request's images could not be stored"
+    message += f" ({tries} tries)" if tries > 1 else ""
+    return Outcome(
+        503, {"detail": message, "error_type": "storage_error"}, error=message, error_type="storage_error"
+    )
+
+
+@dataclass(frozen=True)
+class _Requeue:
+    """One reason a running job stops short: what it counts, up to what limit, and what the logs say."""
+
+    requeued: str  # the WARN line in the request's logs when it is queued again
+    not_retried: Callable[[], Outcome]  # how an x-fal-no-retry request ends instead
+    counter: str | None = None  # the column counting this reason; None: not counted at all
+    limit: int = 0
+    given_up: Callable[[int], Outcome] = _storage_error  # how it ends once the count reaches the limit
+
+
+def _not_retried() -> Outcome:
+    return outcomes.internal_error("The worker stopped; not retried (x-fal-no-retry)")
+
+
+_LEASE_LAPSED = _Requeue(
+    REQUEUED_LEASE,
+    _not_retried,
+    "failures",
+    MAX_FAILURES,
+    lambda count: outcomes.internal_error(f"The worker running this request stopped {count} times"),
+)
+_INTERRUPTED = _Requeue(
+    REQUEUED_RESTART,
+    _not_retried,
+    "interruptions",
+    MAX_INTERRUPTIONS,
+    lambda count: outcomes.internal_error(
+        f"The server stopped {count} times while this request ran; it is not run again"
+    ),
+)
+_RELEASES = {
+    Release.SHUTDOWN: _Requeue(REQUEUED_SHUTDOWN, _not_retried),
+    Release.STORAGE_FULL: _Requeue(
+        REQUEUED_STORAGE, lambda: _storage_error(1), "storage_failures", MAX_STORAGE_FAILURES, _storage_error
+    ),
+}

@@ -2,18 +2,35 @@
 
 The embedded implementation is SQLite (`kontextd.jobs.sqlite`); a scale-out one (PostgreSQL with
 SKIP LOCKED claims and LISTEN/NOTIFY) implements the same protocol. Methods are synchronous and short;
-the API calls the writing ones off the event loop.
+the API calls the writing ones off the event loop. Any write may raise StoreUnavailable.
+
+A running request that stops short is re-run from the start, ahead of everything queued, unless it asked
+for no retries (`x-fal-no-retry`) or was cancelled. What stopped it decides what is counted against it:
+its worker lost while the server ran (a lapsed lease) is its own failure; the server process dying under
+it is an interruption (capped separately and more loosely: a request may be what kills the server); a
+graceful shutdown counts nothing; images that could not be stored count as storage failures.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
-from kontextd.jobs.model import CancelResult, Job, JobSummary, LogLine, NewJob, Outcome, WebhookDelivery
+from kontextd.jobs.model import (
+    CancelResult,
+    DueWebhook,
+    Job,
+    JobSummary,
+    LogLine,
+    NewJob,
+    Outcome,
+    Release,
+    State,
+    WebhookDelivery,
+)
 
 
 class StoreUnavailable(Exception):
-    """The store cannot take this write now (disk full, database busy for too long); nothing was changed.
-    The API answers 503 with Retry-After: the caller should try again later."""
+    """The store cannot take this write now (disk full, I/O error, database busy for too long); nothing
+    was changed, and the cause is chained. The API answers 503 with Retry-After: try again later."""
 
 
 class JobStore(Protocol):
@@ -30,11 +47,19 @@ class JobStore(Protocol):
         """How many queued jobs run before this one; None when it is not queued. Never scans the queue."""
 
     def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
-        """Take the next job of `lane` to run and mark it IN_PROGRESS under a lease. Jobs whose start
-        deadline passed are completed as timed out on the way."""
+        """Take the next job of `lane` to run and mark it IN_PROGRESS under a lease (counting an attempt).
+        Jobs whose start deadline passed are completed as timed out on the way."""
 
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
-        """Extend a running job's lease; False when the job is no longer this worker's."""
+        """Extend a running job's lease to `now + lease_seconds`; False when the job is no longer this
+        worker's. A worker renews well within the lease for as long as the request runs."""
+
+    def release(self, request_id: str, worker_id: str, reason: Release, now: float) -> State | None:
+        """Hand a running job of this worker back, re-queued at the head of its lane with a WARN line in its
+        logs. SHUTDOWN (the server stops between steps) counts nothing; STORAGE_FULL counts a storage
+        failure and ends the job with `storage_error` (503) at the limit. A cancelled job ends cancelled,
+        an x-fal-no-retry one ends failed. Returns the job's state after, or None when it was not this
+        worker's running job (nothing changed)."""
 
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
         """End a job exactly once (with `worker_id`, only if that worker still holds it). Queues its
@@ -53,7 +78,9 @@ class JobStore(Protocol):
         """Complete queued jobs whose start deadline passed; returns how many."""
 
     def recover_abandoned(self, now: float) -> int:
-        """Re-queue running jobs whose lease lapsed (their worker died), ahead of everything else."""
+        """Re-queue running jobs whose lease lapsed while the server runs (their worker hung or died),
+        ahead of everything else. Counted as the request's own failure: at the limit it ends with
+        internal_server_error; cancelled and x-fal-no-retry jobs end instead. Returns how many lapsed."""
 
     def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
         """Re-queue queued jobs of each app id (key) into its lane (value) when it is in another one,
@@ -62,13 +89,37 @@ class JobStore(Protocol):
     def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
         """(request_id, stored keys) of finished jobs whose outputs outlived their lifetime."""
 
-    def mark_output_expired(self, request_id: str) -> None: ...
+    def mark_output_expired(self, request_id: str) -> None:
+        """The job's files are gone: keep only a tombstone (its state and how it ended, so status still
+        answers and the result says 410); delete its logs and its input and result bodies."""
 
-    def due_webhooks(self, now: float, limit: int) -> list[WebhookDelivery]: ...
+    def prune_records(self, expired_before: float, limit: int) -> int:
+        """Delete up to `limit` tombstones of jobs whose outputs expired before `expired_before`, with their
+        logs and finished webhook deliveries (a delivery still to be tried keeps its job); returns how many.
+        The job is then unknown."""
+
+    # Webhooks: a delivery is pending (next try at its due time), sending (a try in flight until a
+    # deadline; past it the sender is presumed dead and it is due again), delivered or failed (given up).
+
+    def due_webhooks(self, now: float, limit: int, after: DueWebhook | None = None) -> list[DueWebhook]:
+        """Deliveries due at `now`, pending or in flight past their deadline, oldest first; `after` (the
+        last of a previous page) continues a listing."""
+
+    def start_webhook(self, delivery_id: int, now: float, deadline: float) -> WebhookDelivery | None:
+        """Mark a due delivery in flight until `deadline`, before it is sent: a crash mid-send leaves it
+        due again once the deadline lapses. None when it is no longer due (sent or taken meanwhile)."""
 
     def webhook_attempted(
         self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
     ) -> None:
-        """Record one delivery attempt; `next_attempt_at` None with delivered False means give up."""
+        """Record a finished try; `next_attempt_at` None with delivered False means give up."""
+
+    def release_webhooks(self, now: float, delivery_ids: Collection[int] | None = None) -> int:
+        """Make in-flight deliveries due at `now` without counting the try cut short: those named (a
+        shutdown interrupted them), or every one (None: at start-up, for a store only this process uses).
+        Returns how many."""
+
+    def webhook_deliveries(self, request_id: str) -> list[WebhookDelivery]:
+        """A request's deliveries and where each stands, oldest first."""
 
     def close(self) -> None: ...

@@ -1,5 +1,6 @@
 """The worker: claims queued requests, runs them through a backend, stores the images, ends the request."""
 
+import errno
 import logging
 import secrets
 import threading
@@ -21,14 +22,23 @@ from kontextd.backends.base import (
 from kontextd.catalogue.endpoints import BY_APP_ID, GenerationParams, generation_params
 from kontextd.fetch.guard import FetchError
 from kontextd.jobs import outcomes
-from kontextd.jobs.model import Job, Outcome
-from kontextd.jobs.store import JobStore
+from kontextd.jobs.model import Job, Outcome, Release, State
+from kontextd.jobs.store import JobStore, StoreUnavailable
 from kontextd.storage.base import Storage
 from kontextd.worker.encoding import CONTENT_TYPES, EXTENSIONS, data_uri, encode_image
 
 log = logging.getLogger("kontextd.worker")
 
 ImageLoader = Callable[[str], Image.Image]  # fetches and decodes an image_url; raises FetchError
+
+STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+STORAGE_PAUSE_FIRST = 1.0  # seconds a worker waits after images could not be stored, doubling each time
+STORAGE_PAUSE_MAX = 60.0
+RECORD_RETRY_MAX = 10.0  # seconds between tries to record a request's end while the store is unavailable
+
+
+class StorageFull(Exception):
+    """The request's images could not be stored for lack of space: worth running again later."""
 
 
 class Worker:
@@ -55,19 +65,33 @@ class Worker:
         self._notify = notify
         self._lease_seconds = lease_seconds
         self.wake = threading.Event()  # set on submit so an idle worker starts at once
+        self._stop = threading.Event()  # the server is stopping: running requests are handed back
+        self._storage_failures = 0  # in a row, on this worker: how long to pause before the next claim
+        self._dropping_logs = False  # request log lines are being lost (disk full): said once, not per line
 
     def run_forever(self, stop: threading.Event) -> None:
+        self._stop = stop
         while not stop.is_set():
             try:
                 job = self._store.claim(self.worker_id, self._lease_seconds, time.time(), self._lane)
                 if job is not None:
                     self._notify(job.request_id)
                     self.run(job)
+                    if self._storage_failures:  # the disk is full: no use claiming again at once
+                        stop.wait(self.storage_pause())
                     continue
+            except StoreUnavailable as error:  # disk full or busy: try again shortly, no traceback each time
+                log.warning("cannot claim work now", extra={"reason": str(error)})
             except Exception:  # a store hiccup must not end the worker; a claimed job's lease lapses
                 log.exception("worker loop failed")
             self.wake.wait(timeout=1.0)
             self.wake.clear()
+
+    def storage_pause(self) -> float:
+        """Seconds to wait before the next claim after images could not be stored."""
+        if not self._storage_failures:
+            return 0.0
+        return min(STORAGE_PAUSE_FIRST * 2 ** (self._storage_failures - 1), STORAGE_PAUSE_MAX)
 
     def run(self, job: Job) -> None:
         started = time.perf_counter()
@@ -76,9 +100,34 @@ class Worker:
         heartbeat = threading.Thread(target=self._keep_lease, args=(job.request_id, finished), daemon=True)
         heartbeat.start()
         try:
+            ending = self._ending(job)
+            # The lease is kept until the end is recorded: a store that is briefly unavailable (disk full)
+            # must not make this request look abandoned.
+            state = self._record(job, ending)
+        finally:
+            finished.set()
+        fields: dict[str, object] = {"request_id": job.request_id, "state": state}
+        if isinstance(ending, Release):
+            fields["released"] = ending.value
+        else:
+            fields |= {"status_code": ending.status_code, "error_type": ending.error_type}
+        log.info("request ended", extra=fields | {"seconds": round(time.perf_counter() - started, 3)})
+        self._notify(job.request_id)
+
+    def _ending(self, job: Job) -> Outcome | Release:
+        """How the request ends: an outcome, or handed back to the queue (shutdown, disk full)."""
+        try:
             outcome = self._execute(job)
         except GenerationCancelled:
+            if self._stop.is_set() and not self._store.cancel_requested(job.request_id):
+                return Release.SHUTDOWN  # stopped between steps for the shutdown, not by the client
             outcome = outcomes.cancelled()
+        except StorageFull as error:
+            self._storage_failures += 1
+            log.warning(
+                "images could not be stored", extra={"request_id": job.request_id, "reason": str(error)}
+            )
+            return Release.STORAGE_FULL
         except GenerationOutOfMemory as error:  # this request only: the worker and its model carry on
             log.warning("out of memory", extra={"request_id": job.request_id})
             outcome = outcomes.internal_error(str(error))
@@ -89,22 +138,30 @@ class Worker:
         except Exception as error:  # one bad request must not take the worker down
             log.exception("request failed", extra={"request_id": job.request_id})
             outcome = outcomes.internal_error(f"Generation failed: {type(error).__name__}: {error}")
-        finally:
-            finished.set()
-        if not outcome.ok:
+        if outcome.ok:
+            self._storage_failures = 0
+        else:
             self._log(job.request_id, f"Request failed: {outcome.error}", "ERROR")
-        ended = self._store.complete(job.request_id, outcome, time.time(), worker_id=self.worker_id)
-        log.info(
-            "request ended",
-            extra={
-                "request_id": job.request_id,
-                "status_code": outcome.status_code,
-                "error_type": outcome.error_type,
-                "seconds": round(time.perf_counter() - started, 3),
-                "recorded": ended,
-            },
-        )
-        self._notify(job.request_id)
+        return outcome
+
+    def _record(self, job: Job, ending: Outcome | Release) -> State | None:
+        """Record the end in the store, retrying while it cannot take writes. None: the job was no longer
+        this worker's (its lease lapsed and it was taken over), or the server stopped first."""
+        pause = 0.5
+        while True:
+            try:
+                if isinstance(ending, Release):
+                    return self._store.release(job.request_id, self.worker_id, ending, time.time())
+                done = self._store.complete(job.request_id, ending, time.time(), worker_id=self.worker_id)
+                return State.COMPLETED if done else None
+            except StoreUnavailable as error:
+                log.warning(
+                    "cannot record the end of a request; retrying",
+                    extra={"request_id": job.request_id, "reason": str(error), "retry_in": pause},
+                )
+            if self._stop.wait(pause):
+                return None  # still running in the store: the next start re-queues it
+            pause = min(pause * 2, RECORD_RETRY_MAX)
 
     def _execute(self, job: Job) -> Outcome:
         if self._store.cancel_requested(job.request_id):
@@ -140,9 +197,15 @@ class Worker:
         return load
 
     def _keep_lease(self, request_id: str, finished: threading.Event) -> None:
-        """Renew the lease while the request runs, however long a fetch or a step takes."""
+        """Renew the lease while the request runs, however long a fetch or a step takes: three beats a
+        lease, so one slow or failed renewal does not let it lapse."""
         while not finished.wait(self._lease_seconds / 3):
-            self._store.renew_lease(request_id, self.worker_id, self._lease_seconds, time.time())
+            try:
+                if not self._store.renew_lease(request_id, self.worker_id, self._lease_seconds, time.time()):
+                    log.warning("lease lost: the request was taken over", extra={"request_id": request_id})
+                    return
+            except Exception as error:  # a full disk or a busy database: try again at the next beat
+                log.warning("lease renewal failed", extra={"request_id": request_id, "reason": str(error)})
 
     def _store_images(self, job: Job, params: GenerationParams, seed: int, generated: Generated) -> Outcome:
         described, keys = [], []
@@ -159,7 +222,7 @@ class Worker:
                 url = data_uri(data, content_type)
             else:
                 key = f"{job.request_id}/{index}.{extension}"
-                url = self._storage.put(key, data, content_type)
+                url = self._put(key, data, content_type, keys)
                 keys.append(key)
             described.append(
                 {"url": url, "width": image.width, "height": image.height, "content_type": content_type}
@@ -173,8 +236,35 @@ class Worker:
         }
         return outcomes.succeeded(output, generated.inference_seconds, tuple(keys), generated.served_by)
 
+    def _put(self, key: str, data: bytes, content_type: str, written: list[str]) -> str:
+        """Store one image; out of space, remove this run's earlier images and raise StorageFull."""
+        try:
+            return self._storage.put(key, data, content_type)
+        except OSError as error:
+            if error.errno not in STORAGE_FULL_ERRNOS:
+                raise
+            for earlier in written:  # a re-run writes them again; a request given up leaves nothing behind
+                try:
+                    self._storage.delete(earlier)
+                except OSError:
+                    log.warning("could not remove a partial output", extra={"key": earlier})
+            raise StorageFull(
+                f"{errno.errorcode.get(error.errno or 0, error.errno)}: {error.strerror}"
+            ) from error
+
     def _log(self, request_id: str, message: str, level: str = "INFO") -> None:
-        self._store.append_log(request_id, message, level, time.time())
+        """A line in the request's own logs: best effort, so a full disk never stops or fails a request."""
+        try:
+            self._store.append_log(request_id, message, level, time.time())
+        except StoreUnavailable as error:
+            if not self._dropping_logs:
+                log.warning(
+                    "request log lines are being dropped",
+                    extra={"request_id": request_id, "reason": str(error)},
+                )
+            self._dropping_logs = True
+            return
+        self._dropping_logs = False
         self._notify(request_id)
 
 
@@ -194,7 +284,8 @@ class RequestProgress:
         self._worker._log(self._request_id, message)
 
     def cancelled(self) -> bool:
-        return self._worker._store.cancel_requested(self._request_id)
+        """The client cancelled, or the server is stopping: either way the backend stops between steps."""
+        return self._worker._stop.is_set() or self._worker._store.cancel_requested(self._request_id)
 
 
 def _image_error(error: FetchError, url: str) -> Outcome:
