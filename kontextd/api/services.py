@@ -9,7 +9,7 @@ from kontextd.config import Settings
 from kontextd.fetch.guard import GuardedFetcher
 from kontextd.jobs.store import JobStore
 from kontextd.routing import Routing
-from kontextd.storage.local import LocalStorage
+from kontextd.storage.base import Storage
 from kontextd.webhooks.signing import WebhookSigner
 from kontextd.worker.runner import Worker
 
@@ -36,7 +36,7 @@ class Readiness:
 class Services:
     settings: Settings
     store: JobStore
-    storage: LocalStorage
+    storage: Storage
     authenticator: Authenticator
     signer: WebhookSigner
     fetcher: GuardedFetcher

@@ -1,8 +1,19 @@
 """The embedded storage: files in the data directory, served by the API under /files/."""
 
-from pathlib import Path, PurePosixPath
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
 
 from kontextd.atomic import write_atomic
+from kontextd.storage import keys
+from kontextd.storage.base import StoredFile
+
+# Refuse to follow a symlink at either level of `<request id>/<name>`: a link planted in the root (by
+# anyone who can write there) must not lead outside it, and checking a resolved path first and opening it
+# afterwards would leave a window to swap the link in.
+_NO_FOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 class LocalStorage:
@@ -11,25 +22,51 @@ class LocalStorage:
         self._base_url = public_base_url.rstrip("/")
         root.mkdir(parents=True, exist_ok=True)
 
-    def path_of(self, key: str) -> Path | None:
-        """The file behind `key`, or None when the key is not a plain relative path inside the root."""
-        parts = PurePosixPath(key).parts
-        if not parts or any(part in ("", ".", "..") or part.startswith(".") for part in parts):
-            return None
-        return self.root.joinpath(*parts)
+    def _path(self, key: str) -> Path:
+        if not keys.is_valid(key):
+            raise ValueError(f"invalid storage key {key!r}")
+        return self.root.joinpath(*key.split("/"))
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
-        path = self.path_of(key)
-        if path is None:
-            raise ValueError(f"invalid storage key {key!r}")
         # Synced and renamed: once the request is recorded as done, its image is whole on disk.
-        write_atomic(path, data, mode=0o644)
+        write_atomic(self._path(key), data, mode=0o644)
         return f"{self._base_url}/files/{key}"
 
+    def open(self, key: str) -> StoredFile | None:
+        if not keys.is_valid(key):
+            return None
+        folder, name = key.split("/")
+        try:
+            fd = _open_in_root(self.root, folder, name)
+        except OSError as error:
+            # Missing, a symlink (ELOOP, or ENOTDIR for a linked folder), not a folder: all simply absent.
+            if error.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
+                return None
+            raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            return None
+        return StoredFile(os.fdopen(fd, "rb"), info.st_size, keys.content_type(key))
+
     def delete(self, key: str) -> None:
-        path = self.path_of(key)
-        if path is not None:
-            path.unlink(missing_ok=True)
-            # Drop the request's folder once its last file is gone.
-            if path.parent != self.root and not any(path.parent.iterdir()):
-                path.parent.rmdir()
+        if not keys.is_valid(key):
+            return
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Drop the request's folder once its last file is gone (another file may still be in it).
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+
+
+def _open_in_root(root: Path, folder: str, name: str) -> int:
+    """Open `root/folder/name` for reading without following a symlink at `folder` or `name`."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | _NO_FOLLOW, dir_fd=root_fd)
+    finally:
+        os.close(root_fd)
+    try:
+        return os.open(name, os.O_RDONLY | _NO_FOLLOW, dir_fd=folder_fd)
+    finally:
+        os.close(folder_fd)
