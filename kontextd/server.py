@@ -16,9 +16,11 @@ from kontextd.api.queue import RUN_PREFIX
 from kontextd.api.services import Services
 from kontextd.backends import TINY_MODEL, BackendUnavailable, plan_backend
 from kontextd.config import Settings
+from kontextd.datadir import DataDir
 from kontextd.fetch.addresses import AllowList
 from kontextd.fetch.guard import FetchLimits, GuardedFetcher
 from kontextd.jobs.sqlite import DataDirInUse, SQLiteJobStore
+from kontextd.jobs.store import StoreUnavailable
 from kontextd.routing import LOCAL, ConfigError, load_routing
 from kontextd.storage.local import LocalStorage
 from kontextd.tls import ensure_self_signed
@@ -41,6 +43,21 @@ def client_environment(settings: Settings, ca_file: str | None) -> list[str]:
         "export FAL_KEY=<one of your --api-key values>" if settings.api_keys else "export FAL_KEY=local",
     ]
     return lines
+
+
+def client_instructions(settings: Settings, ca_file: str | None) -> list[str]:
+    """What to print at start-up: the lines for fal-client, or, on plain HTTP, why it cannot connect."""
+    if urlsplit(settings.base_url).scheme == "https":
+        lines = client_environment(settings, ca_file)
+        return ["kontextd: point fal-client at this server with:", *(f"  {line}" for line in lines)]
+    # fal-client builds https:// URLs from its host variables whatever they say: over plain HTTP its
+    # requests fail with WRONG_VERSION_NUMBER, so printing export lines would only mislead.
+    return [
+        "kontextd: fal-client speaks only HTTPS and cannot use this plain-HTTP address. To use it, either",
+        "  restart with --tls-self-signed (a local CA; the lines to export are printed then),",
+        "  give --tls-cert and --tls-key, or serve behind an HTTPS proxy with --public-url https://...",
+        f"  curl works as is: curl {settings.base_url}/health",
+    ]
 
 
 def serve(settings: Settings) -> None:
@@ -66,15 +83,18 @@ def serve(settings: Settings) -> None:
         print(f"kontextd: backend {plan.kind} on {plan.device} ({plan.reason})", flush=True)
     for route in routing.routes.values():
         print(f"kontextd: {route.app_id} -> {route.backend} ({route.model})", flush=True)
-    data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data = DataDir(settings.data_dir.resolve())
+    try:
+        data.prepare()
+    except (OSError, ValueError) as error:
+        sys.exit(f"kontextd: data dir {data.root}: {error}")
 
     ssl_files: dict[str, str] = {}
     ca_file = None
     if settings.tls_self_signed:
         hosts = ["localhost", "127.0.0.1", "::1", settings.host, urlsplit(settings.base_url).hostname or ""]
         tls = ensure_self_signed(
-            data_dir / "tls", [host for host in dict.fromkeys(hosts) if host not in ("", "0.0.0.0", "::")]
+            data.tls, [host for host in dict.fromkeys(hosts) if host not in ("", "0.0.0.0", "::")]
         )
         ssl_files = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
         ca_file = str(tls.ca_cert)
@@ -82,12 +102,15 @@ def serve(settings: Settings) -> None:
         ssl_files = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
 
     try:
-        store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        store = SQLiteJobStore(data.database)
+        # Not counted against them: the process stopped, not the requests (up to a limit of such stops).
+        requeued = store.recover_after_restart(time.time())
     except DataDirInUse as error:
         sys.exit(f"kontextd: {error}")
-    requeued = store.recover_after_restart(time.time())
+    except StoreUnavailable as error:  # a full disk, say: say so rather than print a traceback
+        sys.exit(f"kontextd: the job store at {data.database} cannot be written: {error}")
     if requeued:
-        log.warning("re-queued requests interrupted by the last shutdown", extra={"count": requeued})
+        log.warning("re-queued requests the last process stopped under", extra={"count": requeued})
     # After the re-queue: a request interrupted on a backend no longer routed to must move as well.
     moved = store.move_to_lanes({route.app_id: route.backend for route in routing.routes.values()})
     if moved:
@@ -98,9 +121,9 @@ def serve(settings: Settings) -> None:
     services = Services(
         settings=settings,
         store=store,
-        storage=LocalStorage(data_dir / "files", settings.base_url),
+        storage=LocalStorage(data.files, settings.base_url),
         authenticator=Authenticator(settings.api_keys),
-        signer=WebhookSigner.load_or_create(data_dir / "webhook-ed25519.pem"),
+        signer=WebhookSigner.load_or_create(data.webhook_key),
         fetcher=GuardedFetcher(
             AllowList.parse(settings.fetch_allow),
             FetchLimits(max_bytes=settings.fetch_max_bytes, timeout_seconds=settings.fetch_timeout),
@@ -109,6 +132,7 @@ def serve(settings: Settings) -> None:
         routing=routing,
         instance_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
     )
+    data.make_private()  # the key just written, and the journal files SQLite made: 0600 whatever came before
     if settings.host in ("0.0.0.0", "::") and not settings.public_url:
         log.warning(
             "bound to all interfaces without --public-url: image URLs will name loopback; "
@@ -117,12 +141,7 @@ def serve(settings: Settings) -> None:
         )
     if not settings.api_keys:
         log.warning("no API key configured: every client on the bound address can use this server")
-    print(
-        "kontextd: point fal-client at this server with:",
-        *client_environment(settings, ca_file),
-        sep="\n  ",
-        flush=True,
-    )
+    print(*client_instructions(settings, ca_file), sep="\n", flush=True)
     print(f"kontextd: serving on {settings.base_url} (API docs at {settings.base_url}/docs)", flush=True)
     try:
         uvicorn.run(

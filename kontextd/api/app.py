@@ -5,17 +5,21 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import BinaryIO
 
 from fastapi import Depends, FastAPI
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from kontextd import __version__
 from kontextd.api.changes import ChangeFeed
-from kontextd.api.errors import install_error_handlers
+from kontextd.api.errors import MAX_BODY_BYTES, install_error_handlers
 from kontextd.api.middleware import BodyLimit, TargetUrl, TrailingSlash
+from kontextd.api.openapi import install_openapi
 from kontextd.api.queue import RUN_PREFIX, build_queue_router
+from kontextd.api.responses import UNAUTHORIZED
 from kontextd.api.services import Readiness, Services
 from kontextd.backends import BackendUnavailable, load_backend
 from kontextd.backends.base import Backend
@@ -24,6 +28,7 @@ from kontextd.catalogue.endpoints import ENDPOINTS
 from kontextd.fetch.guard import FetchError
 from kontextd.fetch.images import decode_image, load_image
 from kontextd.routing import LOCAL
+from kontextd.storage import keys
 from kontextd.webhooks.delivery import WebhookDispatcher
 from kontextd.worker.housekeeping import sweep_forever
 from kontextd.worker.runner import Worker
@@ -43,11 +48,21 @@ Authenticate with `Authorization: Key <key>` or `Bearer <key>` when the server h
 """
 
 
+def _chunks(stream: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
+    with stream:
+        while chunk := stream.read(size):
+            yield chunk
+
+
 def _stored_image(services: Services, key: str) -> Image.Image:
-    path = services.storage.path_of(key)
-    if path is None or not path.is_file():
+    """One of our own outputs given back as an input: read from storage, never fetched over HTTP."""
+    if not keys.is_valid(key):  # decided by the grammar alone: says nothing about which files exist
+        raise FetchError("file_download_error", "That URL is not a file this server stored")
+    stored = services.storage.open(key)
+    if stored is None:
         raise FetchError("file_download_error", "That output of this server no longer exists (expired?)")
-    return decode_image(path.read_bytes())
+    with stored.stream:
+        return decode_image(stored.stream.read())
 
 
 def create_app(services: Services) -> FastAPI:
@@ -82,6 +97,7 @@ def create_app(services: Services) -> FastAPI:
                     storage=services.storage,
                     load_image=fetch_image,
                     notify=services.notify,
+                    lease_seconds=services.settings.lease_seconds,
                 )
                 services.workers.append(worker)
                 thread = threading.Thread(
@@ -144,13 +160,29 @@ def create_app(services: Services) -> FastAPI:
             )
         if LOCAL not in lanes:
             services.readiness.ready(None)  # no local model to load: an API-only node, or all upstream
+        # This process alone uses the store (its lock says so): a delivery still marked in flight was cut
+        # short by the last process's end, and is due again now rather than when its deadline lapses.
+        released = await asyncio.to_thread(services.store.release_webhooks, time.time())
+        if released:
+            log.warning("webhook tries cut short by the last stop will be retried", extra={"count": released})
         dispatcher = WebhookDispatcher(
-            services.store, services.signer, services.fetcher, services.settings.webhook_backoff
+            services.store,
+            services.signer,
+            services.fetcher,
+            services.settings.webhook_backoff,
+            send_timeout=services.settings.fetch_timeout,
+            per_target=services.settings.webhook_concurrency,
         )
         tasks = [
             asyncio.create_task(dispatcher.run(stop_tasks)),
             asyncio.create_task(
-                sweep_forever(services.store, services.storage, services.settings.sweep_interval, stop_tasks)
+                sweep_forever(
+                    services.store,
+                    services.storage,
+                    services.settings.sweep_interval,
+                    stop_tasks,
+                    record_retention=services.settings.record_retention,
+                )
             ),
         ]
         try:
@@ -161,13 +193,15 @@ def create_app(services: Services) -> FastAPI:
             stop_tasks.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             for thread in threads:
-                # A generation still running is abandoned: the store re-queues it at the next start.
+                # A request still running stops at its next step and goes back to the head of its queue,
+                # counting nothing; one stuck past this (a fetch, a long step) is re-queued at the next start.
                 await asyncio.to_thread(thread.join, 5.0)
             await services.fetcher.aclose()
             for upstream in upstreams:
                 upstream.close()
 
-    app = FastAPI(
+    # /docs and /redoc from assets inside the fastapi-offline package: they work with no internet.
+    app = FastAPIOffline(
         title="kontextd",
         version=__version__,
         description=DESCRIPTION,
@@ -175,6 +209,7 @@ def create_app(services: Services) -> FastAPI:
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(build_queue_router(services))
 
     @app.get(
@@ -195,6 +230,7 @@ def create_app(services: Services) -> FastAPI:
         tags=["server"],
         summary="Each endpoint: the backend and model serving it, and whether that backend is ready",
         dependencies=[Depends(services.authenticator.dependency())],
+        responses=UNAUTHORIZED,
     )
     def endpoints() -> dict[str, list[dict[str, str | None]]]:
         listed = []
@@ -217,14 +253,28 @@ def create_app(services: Services) -> FastAPI:
     def jwks() -> dict[str, object]:
         return services.signer.jwks()
 
-    @app.get("/files/{key:path}", tags=["server"], summary="A stored output image", response_model=None)
-    def files(key: str) -> FileResponse | JSONResponse:
-        path = services.storage.path_of(key)
-        if path is None or not path.is_file():
+    @app.get(
+        "/files/{key:path}",
+        tags=["server"],
+        summary="A stored output image",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}},
+            404: {"description": "No such file: never stored, expired, or not a name this server makes"},
+        },
+    )
+    def files(key: str) -> Response:
+        stored = services.storage.open(key)
+        if stored is None:
             return JSONResponse({"detail": "File not found"}, status_code=404)
-        return FileResponse(path, headers={"Cache-Control": "private, max-age=31536000, immutable"})
+        headers = {
+            "Content-Length": str(stored.size),
+            "Cache-Control": "private, max-age=31536000, immutable",
+            "X-Content-Type-Options": "nosniff",
+        }
+        return StreamingResponse(_chunks(stored.stream), media_type=stored.content_type, headers=headers)
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(TrailingSlash)
     app.add_middleware(TargetUrl, run_prefix=RUN_PREFIX)  # outermost: the trailing-slash rule applies after
     return app

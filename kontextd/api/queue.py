@@ -1,11 +1,12 @@
 """The fal queue API: submit, status, status stream, result and cancel — and the sync run route."""
 
 import json
+import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -13,14 +14,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from kontextd.api.json_body import JsonRoute
+from kontextd.api.responses import (
+    CANCEL_RESPONSES,
+    RESULT_RESPONSES,
+    RUN_RESPONSES,
+    STATUS_RESPONSES,
+    STREAM_RESPONSES,
+    SUBMIT_RESPONSES,
+)
 from kontextd.api.services import Services
 from kontextd.api.wire import queue_prefix, request_urls, status_body
 from kontextd.catalogue.endpoints import ENDPOINTS, Endpoint
-from kontextd.catalogue.schemas import KontextOutput, QueueEnvelope
+from kontextd.catalogue.schemas import HTTP_URL_PATTERN, KontextOutput, QueueEnvelope, QueueStatus
+from kontextd.fetch.guard import FetchError, GuardedFetcher
 from kontextd.jobs.model import CancelResult, Job, JobSummary, NewJob, Priority, State
 
 RUN_PREFIX = "/run"  # the run host is this server under /run; the queue host is the server root
 POLL_FALLBACK_SECONDS = 1.0  # re-read state this often even without a wake-up (changes made elsewhere)
+MAX_START_WAIT_SECONDS = 24 * 3600.0  # X-Fal-Request-Timeout: a deadline to start, at most a day away
+MAX_OUTPUT_TTL_SECONDS = 365 * 24 * 3600.0  # X-Fal-Object-Lifecycle-Preference: outputs kept at most a year
+MAX_WEBHOOK_URL_CHARS = 2048
+WEBHOOK_URL_PATTERN = rf"^({HTTP_URL_PATTERN}|(?![\s\S]))"  # or empty ((?![\s\S]): the end, in both dialects)
+_WEBHOOK_URL = re.compile(WEBHOOK_URL_PATTERN)
+# The one JSON shape X-Fal-Object-Lifecycle-Preference is documented with (the parser takes any JSON object
+# with the key): 1 to 9,999,999 seconds, all within the year allowed; or empty, meaning the default.
+LIFECYCLE_PATTERN = r'^(\{ ?"expiration_duration_seconds": ?[1-9][0-9]{0,6}(\.[0-9]{1,3})? ?\})?(?![\s\S])'
 
 LogsFlag = Annotated[
     Literal["1", "0", "true", "false"] | None,
@@ -35,25 +54,40 @@ def _invalid(location: str, name: str, message: str, value: Any) -> RequestValid
 
 
 def _lifecycle_ttl(header: str | None, default: float) -> float:
-    if header is None:
+    if not header:  # absent, or sent empty by a client that templates its headers: the default
         return default
     name = "x-fal-object-lifecycle-preference"
     try:
         seconds = json.loads(header)["expiration_duration_seconds"]
         if isinstance(seconds, bool) or not isinstance(seconds, int | float):
             raise TypeError(seconds)
-    except (ValueError, TypeError, KeyError) as error:
+    except (ValueError, TypeError, KeyError, RecursionError) as error:
         raise _invalid(
             "header", name, 'expected JSON like {"expiration_duration_seconds": 3600}', header
         ) from error
-    if not seconds > 0:  # also refuses NaN, which json.loads accepts and no comparison would catch
-        raise _invalid("header", name, "expiration_duration_seconds must be positive", header)
-    return seconds
+    # `not 0 < x <= max` also refuses NaN, which json.loads accepts and no comparison would catch.
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_OUTPUT_TTL_SECONDS):
+        raise _invalid(
+            "header",
+            name,
+            f"expiration_duration_seconds must be above 0 and at most {MAX_OUTPUT_TTL_SECONDS:.0f} (a year)",
+            header,
+        )
+    return float(seconds)
 
 
-def _webhook(url: str | None) -> str | None:
-    if url is not None and not (url.startswith(("https://", "http://")) and urlsplit(url).hostname):
+async def _webhook(url: str | None, fetcher: GuardedFetcher) -> str | None:
+    """The webhook URL to keep, checked now: a target the guard refuses would only fail ten times later."""
+    if not url:  # `?fal_webhook=` with nothing after it: no webhook
+        return None
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        raise _invalid("query", "fal_webhook", f"longer than {MAX_WEBHOOK_URL_CHARS} characters", url)
+    if not _WEBHOOK_URL.match(url):
         raise _invalid("query", "fal_webhook", "must be an https:// or http:// URL", url)
+    try:
+        await fetcher.check(url)
+    except FetchError as error:
+        raise _invalid("query", "fal_webhook", error.message, url) from None
     return url
 
 
@@ -69,7 +103,7 @@ def _outcome_response(job: Job) -> JSONResponse:
 
 
 def build_queue_router(services: Services) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=JsonRoute)
     store = services.store
     settings = services.settings
     Owner = Annotated[str, Depends(services.authenticator.dependency())]
@@ -95,10 +129,10 @@ def build_queue_router(services: Services) -> APIRouter:
             input=body.model_dump(mode="json"),
             lane=services.routing.route(endpoint.app_id).backend,
             priority=Priority.LOW if priority == "low" else Priority.NORMAL,
-            start_deadline=time.time() + timeout if timeout else None,
-            webhook_url=_webhook(webhook),
+            start_deadline=time.time() + timeout if timeout is not None else None,
+            webhook_url=webhook,
             output_ttl_seconds=_lifecycle_ttl(lifecycle, settings.output_ttl),
-            no_retry=no_retry is not None and no_retry.lower() not in ("0", "false"),
+            no_retry=no_retry in ("1", "true"),
         )
 
     async def enqueue(job: NewJob) -> int:
@@ -126,27 +160,43 @@ def build_queue_router(services: Services) -> APIRouter:
             body: input_model,  # type: ignore[valid-type]
             owner: Owner,
             fal_webhook: Annotated[
-                str | None, Query(description="URL to POST the result to when it ends.")
+                str | None,
+                Query(
+                    description="URL to POST the result to when it ends; refused at once if the server "
+                    "may not reach it. Empty: no webhook.",
+                    json_schema_extra={"pattern": WEBHOOK_URL_PATTERN},
+                ),
             ] = None,
             x_fal_queue_priority: Annotated[
                 Literal["normal", "low"] | None, Header(description="normal runs before low.")
             ] = None,
             x_fal_request_timeout: Annotated[
-                float | None, Header(gt=0, description="Seconds the request may wait to start.")
+                float | None,
+                Header(
+                    gt=0,
+                    le=MAX_START_WAIT_SECONDS,
+                    allow_inf_nan=False,
+                    description="Seconds the request may wait to start (at most a day).",
+                ),
             ] = None,
             x_fal_object_lifecycle_preference: Annotated[
                 str | None,
-                Header(description='How long outputs are kept: {"expiration_duration_seconds": N}.'),
+                Header(
+                    description='How long outputs are kept: {"expiration_duration_seconds": N}, N seconds '
+                    "above 0 and at most a year. Empty: the server's default.",
+                    json_schema_extra={"pattern": LIFECYCLE_PATTERN},
+                ),
             ] = None,
             x_fal_no_retry: Annotated[
-                str | None, Header(description="Do not re-run the request if its worker stops.")
+                Literal["1", "0", "true", "false"] | None,
+                Header(description="1 (or true): do not re-run the request if its worker stops; 0: do."),
             ] = None,
         ) -> JSONResponse:
             job = new_job(
                 endpoint,
                 body,
                 owner,
-                fal_webhook,
+                await _webhook(fal_webhook, services.fetcher),
                 x_fal_queue_priority,
                 x_fal_request_timeout,
                 x_fal_object_lifecycle_preference,
@@ -175,6 +225,7 @@ def build_queue_router(services: Services) -> APIRouter:
                 summary=f"{endpoint.title}: wait for the result",
                 description=endpoint.description,
                 response_model=KontextOutput,
+                responses=RUN_RESPONSES,
                 operation_id=f"run_{endpoint.app_id}",
             )
         else:
@@ -186,6 +237,7 @@ def build_queue_router(services: Services) -> APIRouter:
                 summary=endpoint.title,
                 description=endpoint.description + " Queues the request; follow it with the returned URLs.",
                 response_model=QueueEnvelope,
+                responses=SUBMIT_RESPONSES,
                 operation_id=f"submit_{endpoint.app_id}",
             )
 
@@ -213,7 +265,8 @@ def build_queue_router(services: Services) -> APIRouter:
         requests_path + "/status",
         tags=["queue"],
         summary="Request status",
-        responses={202: {"description": "Queued or running"}, 200: {"description": "Completed"}},
+        response_model=QueueStatus,
+        responses=STATUS_RESPONSES,
     )
     async def status(
         request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
@@ -231,6 +284,7 @@ def build_queue_router(services: Services) -> APIRouter:
         summary="Request status as server-sent events",
         response_class=StreamingResponse,
         response_model=None,
+        responses=STREAM_RESPONSES,
     )
     async def stream(
         request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
@@ -270,7 +324,8 @@ def build_queue_router(services: Services) -> APIRouter:
         requests_path,
         tags=["queue"],
         summary="Request result",
-        responses={200: {"model": KontextOutput, "description": "The model output"}},
+        response_model=KontextOutput,
+        responses=RESULT_RESPONSES,
     )
     async def result(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
         job = find(app_owner, app_alias, request_id, owner)
@@ -292,7 +347,13 @@ def build_queue_router(services: Services) -> APIRouter:
         assert finished is not None
         return _outcome_response(finished)
 
-    @router.put(requests_path + "/cancel", tags=["queue"], summary="Cancel a request", status_code=202)
+    @router.put(
+        requests_path + "/cancel",
+        tags=["queue"],
+        summary="Cancel a request",
+        status_code=202,
+        responses=CANCEL_RESPONSES,
+    )
     async def cancel(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
         if find(app_owner, app_alias, request_id, owner) is None:
             return JSONResponse({"status": "NOT_FOUND"}, status_code=404)

@@ -23,8 +23,6 @@ from kontextd.catalogue.resolutions import output_size, scaled
 
 log = logging.getLogger("kontextd.backends")
 
-SEED_MODULUS = 2**63  # torch generators take seeds below 2**64; fold any integer a client sends into range
-
 
 class KontextPipelineBackend:
     """One worker's pipeline. Pipelines keep per-call state, so each worker owns its own backend."""
@@ -109,7 +107,7 @@ class KontextPipelineBackend:
             return tensors
 
         with self._on_device(), self.levels.run(job.acceleration) as pipeline:
-            generator = torch.Generator(device=self.device).manual_seed(job.seed % SEED_MODULUS)
+            generator = torch.Generator(device=self.device).manual_seed(job.seed)  # 0 .. 2**32-1
             started = time.perf_counter()
             try:
                 with torch.inference_mode():

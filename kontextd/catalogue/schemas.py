@@ -1,9 +1,10 @@
 """Request and response models of the FLUX.1 Kontext endpoints, as fal and the seed documents define them."""
 
+import math
+import re
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 AspectRatio = Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"]
@@ -14,22 +15,73 @@ ResolutionMode = Literal[
     "auto", "match_input", "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"
 ]
 
+PROMPT_MAX_CHARS = 4000  # T5 reads 512 tokens (about 2,000 characters of English); the rest is never seen
+SEED_MAX = 2**32 - 1  # what every backend can reproduce: torch generators locally, BFL's and fal's seeds
+URL_MAX_CHARS = 8192  # an image URL, signed query included; data URIs are bounded by the body size instead
+EXAMPLE_IMAGE = (  # a 1x1 PNG: examples work offline and never send the server to the internet
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
+)
+
+
+# An http(s) URL with a plain host name or a bracketed IPv6 literal. No `$`: it means "end, or before a
+# final newline" in Python and "end" in JSON Schema's regex dialect; the lookahead means the same in both.
+HTTP_URL_PATTERN = r"https?://([A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(?![^/?#])"
+# What image_url takes: such a URL, or a base64 data URI.
+IMAGE_URL_PATTERN = rf"^({HTTP_URL_PATTERN}|data:[^,]{{0,190}};base64,)"
+_IMAGE_URL = re.compile(IMAGE_URL_PATTERN)
+
+
+# A character that is not whitespace, spelt out so Python and JSON Schema's regex dialect (ECMA-262) agree:
+# their `\S` differ (Python counts U+001C-U+001F and U+0085 as space, ECMA counts U+FEFF).
+NOT_BLANK_PATTERN = r"[^\t\n\x0b\x0c\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+_NOT_BLANK = re.compile(NOT_BLANK_PATTERN)
+
+
+def _has_text(value: str) -> str:
+    if not _NOT_BLANK.search(value):
+        raise PydanticCustomError("string_blank", "Prompt must contain more than whitespace")
+    return value
+
+
 Prompt = Annotated[
     str,
     Field(
         min_length=1,
-        description="The prompt to generate an image from.",
+        max_length=PROMPT_MAX_CHARS,
+        description=f"The prompt to generate an image from (at most {PROMPT_MAX_CHARS} characters).",
         examples=["A cat looking down at the Earth from inside a spaceship"],
+        json_schema_extra={"pattern": NOT_BLANK_PATTERN},  # documents _has_text: more than whitespace
     ),
+    AfterValidator(_has_text),
 ]
+
+
+def _integral(value: object) -> object:
+    """JSON has one number type: 3.0 is the integer 3 (as JSON Schema says too), 3.5 is none."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PydanticCustomError("finite_number", "Input should be a finite number")
+        if not value.is_integer():
+            raise PydanticCustomError(
+                "int_from_float", "Input should be a valid integer, got a number with a fractional part"
+            )
+        return int(value)
+    return value
+
+
+# Integer fields: with the models' strict mode, "3" and true are refused, and 3.0 is taken as 3.
+Integer = BeforeValidator(_integral)
+
 Seed = Annotated[
-    int | None,
+    Annotated[int, Field(ge=0, le=SEED_MAX), Integer] | None,
     Field(
         description="The same seed and the same prompt given to the same version of the model will output "
-        "the same image every time.",
+        f"the same image every time: 0 to {SEED_MAX}. Absent: a random seed, reported in the output.",
     ),
 ]
-NumImages = Annotated[int, Field(ge=1, le=4, description="The number of images to generate (1 to 4).")]
+NumImages = Annotated[
+    int, Field(ge=1, le=4, description="The number of images to generate (1 to 4)."), Integer
+]
 SyncMode = Annotated[
     bool,
     Field(
@@ -40,14 +92,18 @@ SyncMode = Annotated[
 ImageUrl = Annotated[
     str,
     Field(
-        description="Image to edit: an https/http URL or a data: URI. At most 14142x14142 pixels.",
-        examples=["https://v3.fal.media/files/rabbit/rmgBxhwGYb2d3pl3x9sKf_output.png"],
+        description="Image to edit: an https/http URL or a data: URI. At most 14142 pixels a side.",
+        examples=[EXAMPLE_IMAGE],
+        # Documents _check_image_url for generated clients and contract tests: the checks stay there.
+        json_schema_extra={"pattern": IMAGE_URL_PATTERN},
     ),
 ]
 
 
 class _KontextInput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: a field takes only its JSON type, as the OpenAPI document says ("true" is no boolean, "3" no
+    # number). NaN and infinity are no numbers a client means: refused like any value out of range.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     prompt: Prompt
     seed: Seed = None
@@ -73,12 +129,18 @@ class _ProFields(_KontextInput):
 
 def _check_image_url(value: str) -> str:
     # PydanticCustomError rather than ValueError: the 422 then carries a clean message and no opaque ctx.
+    # The grammar is IMAGE_URL_PATTERN, which the OpenAPI document publishes: the two never disagree.
+    well_formed = _IMAGE_URL.match(value) is not None
     if value.startswith(("https://", "http://")):
-        if not urlsplit(value).hostname:
-            raise PydanticCustomError("url_parsing", "URL has no host")
+        if len(value) > URL_MAX_CHARS:
+            raise PydanticCustomError(
+                "url_too_long", "URL longer than {max_length} characters", {"max_length": URL_MAX_CHARS}
+            )
+        if not well_formed:
+            raise PydanticCustomError("url_parsing", "URL has no valid host")
         return value
     if value.startswith("data:"):
-        if ";base64," not in value[:200]:
+        if not well_formed:
             raise PydanticCustomError(
                 "value_error", "data URI must be base64-encoded (data:image/...;base64,...)"
             )
@@ -106,7 +168,7 @@ class MaxEditInput(ProEditInput):
 
 class DevEditInput(_KontextInput):
     image_url: ImageUrl
-    num_inference_steps: int = Field(
+    num_inference_steps: Annotated[int, Integer] = Field(
         28, ge=10, le=50, description="The number of denoising steps (10 to 50)."
     )
     guidance_scale: float = Field(
@@ -151,3 +213,25 @@ class QueueEnvelope(BaseModel):
     queue_position: int
     logs: None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class LogEntry(BaseModel):
+    message: str
+    level: Literal["STDERR", "STDOUT", "ERROR", "INFO", "WARN", "DEBUG"]
+    source: Literal["USER"]
+    timestamp: str = Field(description="ISO 8601, with its UTC offset.")
+
+
+class QueueStatus(BaseModel):
+    """The body of /status and of each status stream event."""
+
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    logs: list[LogEntry] | None = Field(description="The request's log lines when asked for (?logs=1).")
+    metrics: dict[str, float] = Field(description="When completed, e.g. inference_time in seconds.")
+    queue_position: int | None = Field(None, description="While IN_QUEUE: how many run first (0 = next).")
+    error: str | None = Field(None, description="When COMPLETED with a failure: what went wrong.")
+    error_type: str | None = Field(None, description="When COMPLETED with a failure: e.g. request_timeout.")

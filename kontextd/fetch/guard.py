@@ -152,6 +152,16 @@ class GuardedFetcher:
         except TimeoutError:
             raise self._timeout_error(url) from None
 
+    async def check(self, url: str) -> None:
+        """Raise the FetchError a fetch of ``url`` would fail with before sending anything (bad URL, refused
+        address, unresolvable host), so a URL kept for later (a webhook) can be refused when it is given.
+        A fetch re-checks: what the name resolves to may change in between."""
+        try:
+            async with asyncio.timeout(self._limits.timeout_seconds):
+                await self._check(url, url)
+        except TimeoutError:
+            raise self._timeout_error(url) from None
+
     async def post(self, url: str, content: bytes, headers: dict[str, str]) -> int:
         """POST to ``url`` without following redirects; returns the status code."""
         try:
