@@ -61,6 +61,11 @@ SEED_000_EXAMPLE = {
     "aspect_ratio": "1:1",
 }
 JSON = {"Content-Type": "application/json"}
+A_DAY_AT_MOST = {
+    "type": "less_than_equal",
+    "msg": "Input should be less than or equal to 86400",
+    "ctx": {"le": 86400},
+}
 
 
 def image_url(image_host: LoopbackServer) -> str:
@@ -76,9 +81,9 @@ def valid_body(app_id: str, image_host: LoopbackServer) -> dict[str, Any]:
     return body
 
 
-def refused(response: httpx.Response) -> list[dict[str, Any]]:
-    """The `detail` list of a 422, each entry checked for fal's (FastAPI's) keys."""
-    assert response.status_code == 422, response.text
+def refused(response: httpx.Response, status: int = 422) -> list[dict[str, Any]]:
+    """The `detail` list of a 422 (400 for headers), each entry checked for fal's (FastAPI's) keys."""
+    assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert list(body) == ["detail"]
@@ -89,8 +94,8 @@ def refused(response: httpx.Response) -> list[dict[str, Any]]:
     return body["detail"]
 
 
-def only_error(response: httpx.Response) -> dict[str, Any]:
-    detail = refused(response)
+def only_error(response: httpx.Response, status: int = 422) -> dict[str, Any]:
+    detail = refused(response, status)
     assert len(detail) == 1, detail
     return detail[0]
 
@@ -126,6 +131,90 @@ def test_empty_body_object_reports_missing_prompt(client: httpx.Client) -> None:
         "msg": "Field required",
         "input": {},
     }
+
+
+@pytest.mark.parametrize("prompt", [" ", "\t\n ", "\u3000"])  # \u3000: the ideographic space
+def test_whitespace_only_prompt(client: httpx.Client, prompt: str) -> None:
+    assert only_error(submit(client, TEXT_TO_IMAGE, {"prompt": prompt})) == {
+        "type": "string_blank",
+        "loc": ["body", "prompt"],
+        "msg": "Prompt must contain more than whitespace",
+        "input": prompt,
+    }
+
+
+def test_prompt_length_cap(client: httpx.Client) -> None:
+    error = only_error(submit(client, TEXT_TO_IMAGE, {"prompt": "x" * 4001}))
+    assert (error["type"], error["ctx"]) == ("string_too_long", {"max_length": 4000})
+    assert error["msg"] == "String should have at most 4000 characters"
+    assert error["input"] == "x" * 200 + "… (4001 characters)"  # never echoed whole
+    accepted = submit(client, TEXT_TO_IMAGE, {"prompt": "x" * 4000})
+    assert accepted.status_code == 200, accepted.text
+    cancel_and_wait(client, accepted.json())
+
+
+@pytest.mark.parametrize(
+    ("seed", "expected"),
+    [
+        (
+            -1,
+            {
+                "type": "greater_than_equal",
+                "msg": "Input should be greater than or equal to 0",
+                "ctx": {"ge": 0},
+            },
+        ),
+        (
+            2**32,
+            {
+                "type": "less_than_equal",
+                "msg": "Input should be less than or equal to 4294967295",
+                "ctx": {"le": 4294967295},
+            },
+        ),
+        (
+            2**64 + 5,
+            {
+                "type": "less_than_equal",
+                "msg": "Input should be less than or equal to 4294967295",
+                "ctx": {"le": 4294967295},
+            },
+        ),
+        (
+            1.5,
+            {
+                "type": "int_from_float",
+                "msg": "Input should be a valid integer, got a number with a fractional part",
+            },
+        ),
+    ],
+)
+def test_seed_outside_its_range(client: httpx.Client, seed: int, expected: dict[str, Any]) -> None:
+    assert only_error(submit(client, TEXT_TO_IMAGE, {"prompt": "x", "seed": seed})) == {
+        **expected,
+        "loc": ["body", "seed"],
+        "input": seed,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_seed_bounds_are_accepted(client: httpx.Client, seed: int) -> None:
+    response = submit(client, TEXT_TO_IMAGE, {"prompt": "x", "seed": seed})
+    assert response.status_code == 200, response.text
+    cancel_and_wait(client, response.json())
+
+
+def test_seed_zero_is_a_seed_not_an_absent_one(client: httpx.Client) -> None:
+    """0 is falsy: a `seed or random()` slip would run seed 0 with a random seed and report that one."""
+    envelopes = [submit(client, TEXT_TO_IMAGE, {"prompt": "zero", "seed": seed}).json() for seed in (0, 0, 1)]
+    runs = []
+    for envelope in envelopes:
+        assert "error" not in wait_completed(client, envelope["status_url"])
+        output = client.get(envelope["response_url"]).json()
+        runs.append((output["seed"], client.get(output["images"][0]["url"]).content))
+    assert [seed for seed, _ in runs] == [0, 0, 1]
+    assert runs[0][1] == runs[1][1]  # seed 0 reproduces itself
+    assert runs[0][1] != runs[2][1]  # and is not seed 1 either
 
 
 def test_empty_prompt(client: httpx.Client) -> None:
@@ -286,11 +375,12 @@ def test_image_url_must_be_http_or_a_base64_data_uri(
     assert "ctx" not in error  # a clean message, no opaque validator context
     assert error["type"] == ("url_parsing" if bad_url == "https://" else "value_error")
     assert error["loc"] == ["body", "image_url"]
-    assert error["input"] == bad_url
+    # A data URI is never echoed back, only its header and size.
+    assert error["input"] == ("data:image/png,… (18 characters)" if bad_url.startswith("data:") else bad_url)
     assert error["msg"] in (
         "must be an https:// or http:// URL or a data: URI",
         "data URI must be base64-encoded (data:image/...;base64,...)",
-        "URL has no host",
+        "URL has no valid host",
     )
 
 
@@ -390,7 +480,7 @@ def test_unknown_app_id_is_404(client: httpx.Client, path: str) -> None:
 
 def test_queue_priority_header_enum(client: httpx.Client) -> None:
     response = submit(client, TEXT_TO_IMAGE, {"prompt": "x"}, headers={"X-Fal-Queue-Priority": "urgent"})
-    assert only_error(response) == {
+    assert only_error(response, 400) == {
         "type": "literal_error",
         "loc": ["header", "x-fal-queue-priority"],
         "msg": "Input should be 'normal' or 'low'",
@@ -404,6 +494,10 @@ def test_queue_priority_header_enum(client: httpx.Client) -> None:
     [
         ("-1", {"type": "greater_than", "msg": "Input should be greater than 0", "ctx": {"gt": 0}}),
         ("0", {"type": "greater_than", "msg": "Input should be greater than 0", "ctx": {"gt": 0}}),
+        ("inf", {"type": "finite_number", "msg": "Input should be a finite number"}),
+        ("nan", {"type": "finite_number", "msg": "Input should be a finite number"}),
+        ("1e308", A_DAY_AT_MOST),
+        ("86400.5", A_DAY_AT_MOST),
         (
             "abc",
             {
@@ -415,7 +509,11 @@ def test_queue_priority_header_enum(client: httpx.Client) -> None:
 )
 def test_request_timeout_header(client: httpx.Client, value: str, expected: dict[str, Any]) -> None:
     response = submit(client, TEXT_TO_IMAGE, {"prompt": "x"}, headers={"X-Fal-Request-Timeout": value})
-    assert only_error(response) == {**expected, "loc": ["header", "x-fal-request-timeout"], "input": value}
+    assert only_error(response, 400) == {
+        **expected,
+        "loc": ["header", "x-fal-request-timeout"],
+        "input": value,
+    }
 
 
 @pytest.mark.parametrize(
@@ -427,6 +525,9 @@ def test_request_timeout_header(client: httpx.Client, value: str, expected: dict
         '{"expiration_duration_seconds": 0}',
         '{"expiration_duration_seconds": -5}',
         '{"expiration_duration_seconds": NaN}',
+        '{"expiration_duration_seconds": Infinity}',
+        '{"expiration_duration_seconds": 1e308}',
+        '{"expiration_duration_seconds": 31536001}',
         "[3600]",
         "3600",
         "null",
@@ -436,7 +537,7 @@ def test_request_timeout_header(client: httpx.Client, value: str, expected: dict
 def test_object_lifecycle_header(client: httpx.Client, value: str) -> None:
     headers = {"X-Fal-Object-Lifecycle-Preference": value}
     response = submit(client, TEXT_TO_IMAGE, {"prompt": "x"}, headers=headers)
-    error = only_error(response)
+    error = only_error(response, 400)
     assert error["type"] == "value_error"
     assert error["loc"] == ["header", "x-fal-object-lifecycle-preference"]
     assert error["input"] == value
@@ -452,9 +553,10 @@ def test_webhook_must_be_an_http_url(client: httpx.Client, hook: str) -> None:
 
 
 def test_body_and_header_errors_are_reported_together(client: httpx.Client) -> None:
+    # A bad header makes the whole answer a 400, listing the body's errors as well.
     headers = {"X-Fal-Queue-Priority": "x"}
     response = submit(client, TEXT_TO_IMAGE, {"prompt": "x", "num_images": 9}, headers=headers)
-    assert sorted(tuple(entry["loc"]) for entry in refused(response)) == [
+    assert sorted(tuple(entry["loc"]) for entry in refused(response, 400)) == [
         ("body", "num_images"),
         ("header", "x-fal-queue-priority"),
     ]
@@ -463,10 +565,13 @@ def test_body_and_header_errors_are_reported_together(client: httpx.Client) -> N
 def test_still_serving_after_bad_input(client: httpx.Client) -> None:
     for content in (b"", b"\xff\xfe", b"{" * 10_000, b"null", b'"x"'):
         assert client.post(f"/{TEXT_TO_IMAGE}", content=content, headers=JSON).status_code == 422
-    # Nesting deeper than the JSON parser recurses: FastAPI answers 400 rather than 422; never a 500.
-    deep = b'{"prompt": ' + b"[" * 5000
-    assert client.post(f"/{TEXT_TO_IMAGE}", content=deep, headers=JSON).status_code in (400, 422)
-    assert client.post(f"/{TEXT_TO_IMAGE}", content=b"prompt=x").status_code == 422
+    # Nesting deeper than the JSON parser recurses is invalid JSON like any other.
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert client.post(f"/{TEXT_TO_IMAGE}", content=deep, headers=JSON).status_code == 422
+    # A form-encoded body (curl -d's default type) is refused, naming the header to send.
+    form = client.post(f"/{TEXT_TO_IMAGE}", content=b"prompt=x")
+    assert form.status_code == 415
+    assert "Content-Type: application/json" in form.json()["detail"]
     health = client.get("/health")
     assert health.status_code == 200
     assert health.json()["status"] == "ready"

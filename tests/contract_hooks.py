@@ -1,0 +1,47 @@
+"""Schemathesis hooks for tests/test_openapi_contract.py, loaded through SCHEMATHESIS_HOOKS.
+
+Every URL a generated request would have the server connect to is pointed at loopback first, so the run
+never reaches beyond 127.0.0.1 (not even a DNS lookup of a generated host name); and every request the
+queue accepts is cancelled at once, so queued work never piles up ahead of the sync runs.
+"""
+
+import os
+import re
+from typing import Any
+
+import httpx
+import schemathesis
+
+from kontextd.catalogue.schemas import HTTP_URL_PATTERN
+
+IMAGE = os.environ["CONTRACT_IMAGE_URL"]  # a PNG on a loopback server the kontextd under test may fetch
+INLINE_IMAGE = os.environ["CONTRACT_INLINE_IMAGE"]  # the same kind of PNG as a data URI
+WEBHOOK = os.environ["CONTRACT_WEBHOOK_URL"]  # a loopback receiver
+AUTHORIZATION = os.environ["CONTRACT_AUTHORIZATION"]
+_HTTP_URL = re.compile(f"^{HTTP_URL_PATTERN}")
+_DATA_URI = re.compile(r"^data:[^,]{0,190};base64,")
+
+
+@schemathesis.hook
+def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
+    # Only values the schema accepts are rewritten: invalid ones are refused at submit, never fetched, and
+    # must reach the server as generated for the negative checks to mean anything.
+    if isinstance(case.body, dict) and isinstance(url := case.body.get("image_url"), str):
+        if _HTTP_URL.match(url):
+            case.body["image_url"] = IMAGE
+        elif _DATA_URI.match(url):
+            case.body["image_url"] = INLINE_IMAGE  # generated base64 is no image: decoding would fail
+    if case.query and isinstance(hook := case.query.get("fal_webhook"), str) and _HTTP_URL.match(hook):
+        case.query["fal_webhook"] = WEBHOOK
+
+
+@schemathesis.hook
+def after_call(ctx: Any, case: Any, response: Any) -> None:
+    if response.status_code != 200:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        return
+    if isinstance(body, dict) and isinstance(body.get("cancel_url"), str):
+        httpx.put(body["cancel_url"], headers={"Authorization": AUTHORIZATION}, timeout=30)
