@@ -95,6 +95,8 @@ class FakeBfl:
     def reset(self) -> None:
         with self.lock:
             self.pending_polls = 1  # Pending answers before the final status
+            self.pending_polls_by_seed: dict[int, int] = {}  # the same, for the task of one seed
+            self.hold_until_accepted = 0  # every poll answers Pending until this many tasks were accepted
             self.final_status: Callable[[int], str] = lambda seed: "Ready"  # by seed
             self.busy_submits = 0  # the first N submits answer 429
             self.retry_after: str | None = None  # Retry-After on those 429s
@@ -210,8 +212,10 @@ class FakeBfl:
                 self.poll_errors -= 1
                 return 503, {}, {"detail": "Service Unavailable"}
             task.polls += 1
-            if task.polls <= self.pending_polls and not task.done:
-                progress = round(task.polls / (self.pending_polls + 1), 2)
+            pending = self.pending_polls_by_seed.get(task.seed, self.pending_polls)
+            held = len(self.tasks) < self.hold_until_accepted
+            if (task.polls <= pending or held) and not task.done:
+                progress = round(min(task.polls, pending) / (pending + 1), 2)
                 return 200, {}, {"id": task_id, "status": "Pending", "result": None, "progress": progress}
             status = self.final_status(task.seed)
             if not task.done:

@@ -55,6 +55,7 @@ class Recorded:
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.monotonic)  # when the fake received it, before answering
 
 
 @dataclass

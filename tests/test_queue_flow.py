@@ -110,8 +110,9 @@ class Fal:
         return self.client.put(envelope["cancel_url"])
 
     def wait_running(self, envelope: dict[str, Any]) -> None:
-        wait_for(lambda: self.state(envelope) != "IN_QUEUE")
-        assert self.state(envelope) == "IN_PROGRESS"
+        # The state that ended the wait is the one checked: a second poll could already see it finished.
+        state = wait_for(lambda: (current := self.state(envelope)) != "IN_QUEUE" and current)
+        assert state == "IN_PROGRESS"
 
     def close(self) -> None:
         for envelope in self.submitted:
@@ -458,6 +459,20 @@ def test_seed_reproduces_images(fal: Fal) -> None:
     assert fal.output(again)["seed"] == output["seed"]
     assert image_bytes(again) == image_bytes(unseeded)
     assert image_bytes(seeded) != image_bytes(unseeded)
+
+
+def test_seed_zero_is_a_seed(fal: Fal) -> None:
+    """0 is falsy, not absent: it must be used and reported, and reproduce like any other seed."""
+    first = fal.output(fal.submit(TEXT_TO_IMAGE, {"prompt": "a teapot", "seed": 0}))
+    again = fal.output(fal.submit(TEXT_TO_IMAGE, {"prompt": "a teapot", "seed": 0}))
+    other = fal.output(fal.submit(TEXT_TO_IMAGE, {"prompt": "a teapot", "seed": 1}))
+    assert first["seed"] == again["seed"] == 0 and other["seed"] == 1
+
+    def image_bytes(output: dict[str, Any]) -> bytes:
+        return download(fal.client, output["images"][0]["url"])[0].content
+
+    assert image_bytes(again) == image_bytes(first)
+    assert image_bytes(other) != image_bytes(first)
 
 
 def test_sync_mode_returns_data_uris_and_stores_nothing(fal: Fal, server: KontextdServer) -> None:

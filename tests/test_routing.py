@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from conftest import UPSTREAM_VARIABLES, free_port
 
-from kontextd.catalogue.endpoints import BY_APP_ID
 from kontextd.routing import ConfigError, Routing, Secret, load_routing
 
 LOCAL_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
 PRO_IDS = ("fal-ai/flux-pro/kontext/text-to-image", "fal-ai/flux-pro/kontext")
 MAX_IDS = ("fal-ai/flux-pro/kontext/max/text-to-image", "fal-ai/flux-pro/kontext/max")
 DEV_ID = "fal-ai/flux-kontext/dev"
+ALL_IDS = (*PRO_IDS, *MAX_IDS, DEV_ID)
 
 
 def routes_of(routing: Routing) -> dict[str, tuple[str, str]]:
@@ -29,7 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_with_no_key_every_endpoint_runs_on_the_local_model() -> None:
     routing = load_routing(None, LOCAL_MODEL, env={})
-    assert routes_of(routing) == {app_id: ("local", LOCAL_MODEL) for app_id in BY_APP_ID}
+    assert routes_of(routing) == {app_id: ("local", LOCAL_MODEL) for app_id in ALL_IDS}
     assert routing.lanes() == ["local"] and routing.upstreams == {}
 
 

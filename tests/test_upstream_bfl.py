@@ -8,6 +8,7 @@ are ever contacted; the one public-looking URL below is checked as a string, nev
 import base64
 import dataclasses
 import io
+import itertools
 import re
 import threading
 import time
@@ -35,7 +36,9 @@ from kontextd.routing import Secret, UpstreamConfig
 
 KEY = "bfl-test-key-0123456789"
 OWN = "http://127.0.0.1:9"  # our own server's base URL in the unit tests: never contacted
-FAST = Timing(poll_first=0.02, poll_growth=1.5, poll_max=0.1, retry_base=0.02, retry_cap=0.1, retries=3)
+FAST = Timing(
+    poll_first=0.02, poll_growth=1.5, poll_max=0.1, retry_base=0.02, retry_cap=0.1, retries=3, downloads=3
+)
 
 TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/text-to-image"
 PRO_EDIT = "fal-ai/flux-pro/kontext"
@@ -91,6 +94,11 @@ def config(fake: FakeBfl, **changes: Any) -> UpstreamConfig:
     return dataclasses.replace(base, **changes)
 
 
+def task_threads() -> list[threading.Thread]:
+    """The threads BflBackend runs its tasks on (its executor names them)."""
+    return [thread for thread in threading.enumerate() if thread.name.startswith("bfl-task")]
+
+
 @pytest.fixture
 def make_backend(fake: FakeBfl) -> Iterator[Callable[..., BflBackend]]:
     made: list[BflBackend] = []
@@ -102,6 +110,10 @@ def make_backend(fake: FakeBfl) -> Iterator[Callable[..., BflBackend]]:
     yield make
     for backend in made:
         backend.close()
+    # Tasks abandoned by a failure stop at their next wait: none may reach the fake during the next test.
+    for thread in task_threads():
+        thread.join(30)
+    assert not task_threads(), "a BFL task thread outlived its test"
 
 
 @pytest.fixture
@@ -231,7 +243,7 @@ def test_a_public_url_is_passed_through_and_private_ones_are_not() -> None:
 def test_each_image_is_its_own_task_with_consecutive_seeds_run_at_once(
     fake: FakeBfl, backend: BflBackend
 ) -> None:
-    fake.pending_polls = 5  # long enough for all four to be submitted before any is Ready
+    fake.hold_until_accepted = 4  # no task is Ready before all four were submitted: run one by one, none is
     progress = RecordingProgress()
     generated = backend.generate(job(num_images=4, seed=10), progress)
 
@@ -312,7 +324,8 @@ def test_out_of_credits_names_credits_and_not_the_key(fake: FakeBfl, backend: Bf
     error = refused(backend, job(num_images=2), RecordingProgress())
     assert (error.status_code, error.error_type) == (402, "upstream_out_of_credits")
     assert "credits" in error.message and "HTTP 402" in error.message
-    assert len(fake.submits()) <= 2  # not retried
+    seeds = [submit.body["seed"] for submit in fake.submits()]
+    assert 1 <= len(seeds) <= 2 and len(set(seeds)) == len(seeds)  # each task sent once: not retried
 
 
 def test_a_422_from_bfl_carries_its_message(fake: FakeBfl, backend: BflBackend) -> None:
@@ -373,7 +386,7 @@ def test_persistent_server_errors_give_up(fake: FakeBfl, backend: BflBackend) ->
     fake.submit_errors = 100
     error = refused(backend, job(), RecordingProgress())
     assert (error.status_code, error.error_type) == (502, "upstream_error")
-    assert len(fake.submits()) == FAST.retries + 1 and "HTTP 500" in error.message
+    assert len(fake.submits()) == 4 and "HTTP 500" in error.message  # retries=3: a try, 3 more, stop
 
 
 def test_an_expired_sample_url_is_polled_again(fake: FakeBfl, backend: BflBackend) -> None:
@@ -390,56 +403,81 @@ def test_a_sample_that_stays_expired_fails_after_bounded_attempts(fake: FakeBfl,
     fake.expired_samples = 100
     error = refused(backend, job(), RecordingProgress())
     assert error.error_type == "upstream_error" and "could not download" in error.message
-    assert len(fake.downloads()) == FAST.downloads
+    assert len(fake.downloads()) == 3  # downloads=3: exactly three tries, then stop
 
 
 # -- time limits and cancellation ------------------------------------------------------------------------
 
 
+def run_in_thread(backend: BflBackend, generation: GenerationJob, progress: RecordingProgress):
+    """Start generate on a thread of its own; the thread and a list that receives what it raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            backend.generate(generation, progress)
+        except BaseException as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, raised
+
+
 def test_a_slow_poll_is_bounded_by_the_request_timeout(
     fake: FakeBfl, make_backend: Callable[..., BflBackend]
 ) -> None:
-    fake.poll_delay, fake.pending_polls = 1.0, 0
-    backend = make_backend(request_timeout=0.2, task_timeout=5.0)
-    started = time.monotonic()
+    fake.poll_delay, fake.pending_polls = 2.0, 0  # each poll would be answered (Ready) after 2 s
+    backend = make_backend(request_timeout=0.2, task_timeout=10.0)
     error = refused(backend, job(), RecordingProgress())
-    assert time.monotonic() - started < 3
     assert error.status_code == 502 and "ReadTimeout" in error.message
+    polls = fake.polls()
+    assert len(polls) == 4  # retries=3: the poll and three more, each given up on, then stop
+    # Each poll was sent before the last one could have been answered: none was waited for to the end.
+    assert all(later.at - earlier.at < fake.poll_delay for earlier, later in itertools.pairwise(polls))
 
 
 def test_a_task_that_never_finishes_times_out(fake: FakeBfl, make_backend: Callable[..., BflBackend]) -> None:
     fake.pending_polls = 10**6
     backend = make_backend(task_timeout=0.6)
+    progress = RecordingProgress()
     started = time.monotonic()
-    error = refused(backend, job(), RecordingProgress())
-    assert time.monotonic() - started < 2
+    thread, raised = run_in_thread(backend, job(), progress)
+    thread.join(30)  # the bound is the mechanism's: without the deadline it would poll for ever
+    assert not thread.is_alive(), "the task timeout did not end the task"
+    # Not given up before its time either: at most one poll interval early (a wait that would end past
+    # the deadline is not begun).
+    assert time.monotonic() - started >= 0.6 - FAST.poll_max
+    [error] = raised
+    assert isinstance(error, GenerationRefused)
     assert (error.status_code, error.error_type) == (504, "upstream_timeout")
-    assert "0.6 s" in error.message
+    assert "0.6 s" in error.message and KEY not in error.message
+    [submit] = fake.submits()
+    assert all(poll.at > submit.at for poll in fake.polls()) and len(fake.polls()) >= 2
 
 
 def test_cancelling_stops_every_task_polling(fake: FakeBfl, backend: BflBackend) -> None:
     fake.pending_polls = 10**6
     progress = RecordingProgress()
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            backend.generate(job(num_images=3), progress)
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    wait_for(lambda: len(fake.polls()) >= 6, timeout=10)
+    thread, raised = run_in_thread(backend, job(num_images=3), progress)
+    wait_for(
+        lambda: len(tasks := fake.accepted()) == 3 and all(len(fake.polls(task.id)) >= 2 for task in tasks),
+        timeout=10,
+    )
+    running = task_threads()
+    assert len(running) == 3  # one thread per task, every one of them polling now
     progress.cancel.set()
-    cancelled_at = time.monotonic()
-    thread.join(5)
-    assert time.monotonic() - cancelled_at < 1
-    assert len(outcome) == 1 and isinstance(outcome[0], GenerationCancelled)
-    time.sleep(0.3)  # a poll already on the wire may still land
+    thread.join(10)  # the task timeout is 20 s: only the cancel can end it sooner
+    assert not thread.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], GenerationCancelled)
+    # The barrier: every task's thread has returned, so no poll can follow, and every poll it sent has
+    # been recorded (the fake records a request before it answers it). A task that went on polling after
+    # the cancel would keep its thread, polling every 0.1 s until the 20 s task timeout.
+    for task_thread in running:
+        task_thread.join(10)
+        assert not task_thread.is_alive(), "a task kept running after the request was cancelled"
     seen = len(fake.polls())
-    time.sleep(0.6)  # several poll intervals (at most 0.1 s here)
-    assert len(fake.polls()) == seen
+    assert seen >= 6 and not task_threads()
 
 
 # -- end to end through a kontextd process ---------------------------------------------------------------
@@ -502,6 +540,13 @@ def test_e2e_text_to_image_is_rehosted_on_our_server(
     assert all(r.headers.get("x-key") == KEY for r in fake.requests if r.path.startswith("/v1/"))
 
 
+def test_e2e_seed_zero_is_sent_as_zero(api: httpx.Client, fake: FakeBfl) -> None:
+    envelope = submit(api, TEXT_TO_IMAGE, {"prompt": "zero", "seed": 0, "num_images": 2})
+    wait_completed(api, envelope["status_url"], timeout=30)
+    assert api.get(envelope["response_url"]).json()["seed"] == 0
+    assert sorted(task.body["seed"] for task in fake.accepted()) == [0, 1]  # 0 is a seed, not "none"
+
+
 def test_e2e_an_edit_sends_the_data_uri_inline(api: httpx.Client, fake: FakeBfl) -> None:
     body = {"prompt": "make it night", "image_url": data_uri(), "safety_tolerance": "5", "num_images": 2}
     envelope = submit(api, PRO_EDIT, body)
@@ -556,20 +601,42 @@ def test_e2e_out_of_credits_completes_with_an_error_and_a_webhook(
 
 
 def test_e2e_cancelling_a_running_request_stops_upstream_polls(api: httpx.Client, fake: FakeBfl) -> None:
-    fake.pending_polls = 10**6
-    envelope = submit(api, TEXT_TO_IMAGE, {"prompt": "forever"})
+    fake.pending_polls_by_seed = {1: 10**6, 2: 3}  # seed 1 never finishes; seed 2 after four polls
+    envelope = submit(api, TEXT_TO_IMAGE, {"prompt": "forever", "seed": 1})
     wait_for(lambda: fake.polls(), timeout=15)
+    [cancelled] = fake.accepted()
     assert api.put(envelope["cancel_url"]).status_code == 202
     status = wait_completed(api, envelope["status_url"], timeout=15)
     assert status["error_type"] == "client_cancelled"
-    time.sleep(0.3)
-    seen = len(fake.polls())
-    time.sleep(2.0)  # the polls that would have come next (0.75 s, then 1.1 s apart)
-    assert len(fake.polls()) == seen
+
+    # The barrier: a later task through the same server. The server polls every task on the same schedule
+    # (0.5 s, growing 1.5x, at most 3 s apart), so from the later task's first poll to its fourth
+    # (0.75 + 1.125 + 1.69 s) any poll loop still alive would have polled at least once.
+    later = submit(api, TEXT_TO_IMAGE, {"prompt": "later", "seed": 2})
+    later_status = wait_completed(api, later["status_url"], timeout=30)
+    assert "error" not in later_status, later_status
+    [_, second] = fake.accepted()
+    later_polls = fake.polls(second.id)
+    assert len(later_polls) == 4
+    stray = [poll.at - later_polls[0].at for poll in fake.polls(cancelled.id) if poll.at > later_polls[0].at]
+    assert stray == [], f"the cancelled task was still polled {stray} s after the later task's first poll"
 
 
-def test_e2e_the_key_never_appears_in_the_server_output(bfl_server: KontextdServer, fake: FakeBfl) -> None:
-    """Runs last: every request above has been through the server by now."""
+def test_e2e_the_key_never_appears_in_the_server_output(
+    api: httpx.Client, bfl_server: KontextdServer, fake: FakeBfl
+) -> None:
+    """Its own requests, through every path that logs (retries of a 429 and a 503, a success, a 402), so it
+    does not depend on what other tests ran before it."""
+    fake.busy_submits, fake.retry_after, fake.poll_errors = 1, "0", 1
+    retried = submit(api, TEXT_TO_IMAGE, {"prompt": "retried", "seed": 0})
+    assert "error" not in wait_completed(api, retried["status_url"], timeout=30)
+    assert fake.busy_answers == 1 and fake.poll_errors == 0  # both misbehaviours were met
+    fake.out_of_credits = True
+    broke = submit(api, TEXT_TO_IMAGE, {"prompt": "no money"})
+    assert wait_completed(api, broke["status_url"], timeout=30)["error_type"] == "upstream_out_of_credits"
+    # The access log line of this last call comes after every line the requests above made.
+    marker = f"{broke['request_id']}/status HTTP/1.1"
+    wait_for(lambda: any(marker in line for line in bfl_server.output), timeout=15)
     output = "".join(bfl_server.output)
-    assert "bfl" in output  # the log is there, and it names the upstream ...
+    assert "bfl retry" in output and "HTTP 503" in output  # the retries were logged, naming the upstream ...
     assert KEY not in output  # ... but never its key

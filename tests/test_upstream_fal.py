@@ -323,12 +323,13 @@ def test_rate_limited_submit_backs_off_then_succeeds(fake: FakeFal, make_backend
     fake.fail("submit", 429, 429, retry_after="0.05")
     fake.fail("submit", 429)  # no Retry-After: our own backoff
     progress = Recorder()
-    started = time.monotonic()
     generated = make_backend().generate(make_job(TEXT_TO_IMAGE), progress)
 
     assert len(generated.images) == 1
-    assert len(fake.calls("POST")) == 4
-    assert time.monotonic() - started >= 0.1  # Retry-After honoured twice
+    posts = fake.calls("POST")
+    assert len(posts) == 4
+    # Retry-After honoured each time it was sent, as measured where the submits arrived.
+    assert posts[1].at - posts[0].at >= 0.05 and posts[2].at - posts[1].at >= 0.05
     assert sum("rate limiting" in line for line in progress.lines) == 3
 
 
@@ -356,13 +357,13 @@ def test_server_errors_bounded(fake: FakeFal, make_backend) -> None:
 
 
 def test_slow_status_polls_bounded_by_request_timeout(fake: FakeFal, make_backend) -> None:
-    fake.behaviour = Behaviour(status_delay=0.5)
-    started = time.monotonic()
+    fake.behaviour = Behaviour(status_delay=2.0)  # each poll would be answered after 2 s
     with pytest.raises(GenerationRefused) as refused:
         make_backend(max_retries=1, request_timeout=0.1).generate(make_job(TEXT_TO_IMAGE), Recorder())
 
-    assert time.monotonic() - started < 1.5
     assert refused.value.status_code == 502 and "ReadTimeout" in refused.value.message
+    first, second = fake.calls("GET", "/status")  # max_retries=1: the poll and one more, then stop
+    assert second.at - first.at < 2.0  # the first was given up on, not waited for to its answer
 
 
 def test_slow_status_polls_within_timeout_succeed(fake: FakeFal, make_backend) -> None:
@@ -417,43 +418,54 @@ def test_rejected_key(fake: FakeFal, make_backend) -> None:
 # --- time limits and cancellation ---
 
 
-def test_task_timeout(fake: FakeFal, make_backend) -> None:
-    fake.behaviour = Behaviour(never_complete=True)
-    started = time.monotonic()
-    with pytest.raises(GenerationRefused) as refused:
-        make_backend(task_timeout=0.5).generate(make_job(TEXT_TO_IMAGE), Recorder())
-
-    assert time.monotonic() - started < 1.5
-    assert (refused.value.status_code, refused.value.error_type) == (504, "upstream_timeout")
-    assert "0.5 s" in refused.value.message
-    assert len(fake.calls("PUT", "/cancel")) == 1
-
-
-def test_cancel_puts_cancel_and_stops_polling(fake: FakeFal, make_backend) -> None:
-    fake.behaviour = Behaviour(never_complete=True, queued_polls=0)
-    backend, progress = make_backend(), Recorder()
+def generate_in_thread(backend: FalBackend, job: GenerationJob, progress: Recorder):
+    """Start generate on a thread of its own; the thread and a list that receives what it raised."""
     raised: list[BaseException] = []
 
     def run() -> None:
         try:
-            backend.generate(make_job(TEXT_TO_IMAGE), progress)
+            backend.generate(job, progress)
         except BaseException as error:
             raised.append(error)
 
     thread = threading.Thread(target=run)
     thread.start()
+    return thread, raised
+
+
+def test_task_timeout(fake: FakeFal, make_backend) -> None:
+    fake.behaviour = Behaviour(never_complete=True)
+    started = time.monotonic()
+    thread, raised = generate_in_thread(make_backend(task_timeout=0.5), make_job(TEXT_TO_IMAGE), Recorder())
+    thread.join(timeout=30)  # the mechanism's bound: without the deadline it would poll for ever
+    assert not thread.is_alive(), "the task timeout did not end the request"
+    assert time.monotonic() - started >= 0.5  # and not before its time
+
+    [refused] = raised
+    assert isinstance(refused, GenerationRefused)
+    assert (refused.status_code, refused.error_type) == (504, "upstream_timeout")
+    assert "0.5 s" in refused.message
+    assert len(fake.calls("PUT", "/cancel")) == 1
+    assert fake.recorded[-1].method == "PUT"  # the cancel at fal came last: nothing polled after it
+
+
+def test_cancel_puts_cancel_and_stops_polling(fake: FakeFal, make_backend) -> None:
+    fake.behaviour = Behaviour(never_complete=True, queued_polls=0)
+    progress = Recorder()
+    thread, raised = generate_in_thread(make_backend(), make_job(TEXT_TO_IMAGE), progress)
     wait_for(lambda: len(fake.calls("GET", "/status")) >= 3, timeout=5)
     progress.cancel.set()
-    thread.join(timeout=3)
+    thread.join(timeout=5)  # the task timeout is 10 s: only the cancel ends it sooner
 
     assert not thread.is_alive()
     assert len(raised) == 1 and isinstance(raised[0], GenerationCancelled)
     [cancel] = fake.calls("PUT", "/cancel")
     assert cancel.headers["Authorization"] == f"Key {KEY}"
     assert next(iter(fake.requests.values())).cancelled
-    polls = len(fake.calls("GET", "/status"))
-    time.sleep(0.2)
-    assert len(fake.calls("GET", "/status")) == polls
+    # The barrier: generate polls on the calling thread, which has returned, and the fake records each
+    # call before answering it, so every call it made is here. The cancel is the last: no poll after it.
+    assert fake.recorded[-1] == cancel
+    assert all(call.at <= cancel.at for call in fake.calls("GET", "/status"))
 
 
 def test_cancelled_before_submit_sends_nothing(fake: FakeFal, make_backend) -> None:
@@ -475,6 +487,7 @@ def test_one_slot_per_request(fake: FakeFal, make_backend) -> None:
         thread.start()
     for thread in threads:
         thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads)
 
     paths = [call.path for call in fake.recorded if call.method == "POST" or "/files/" in call.path]
     assert len(paths) == 4

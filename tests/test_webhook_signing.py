@@ -145,8 +145,10 @@ def test_jwks_shape(signer: WebhookSigner) -> None:
         "alg": "EdDSA",
     }
     assert "=" not in key["x"]
-    assert len(base64.urlsafe_b64decode(key["x"] + "=")) == 32
-    assert len(signer.key_id) == 16
+    raw = base64.urlsafe_b64decode(key["x"] + "=")
+    assert len(raw) == 32
+    # The key id, computed here from the published key alone: the first 16 hex digits of its SHA-256.
+    assert key["kid"] == hashlib.sha256(raw).hexdigest()[:16]
     json.dumps(jwks)  # must be serialisable as the /.well-known/jwks.json body
 
 
