@@ -4,6 +4,7 @@ Everything here is refused at submit, before anything is queued, so these tests 
 except the few that check a valid body is accepted.
 """
 
+import re
 from typing import Any
 
 import httpx
@@ -690,8 +691,25 @@ def test_openapi_responses_and_queue_paths(openapi: dict[str, Any]) -> None:
         assert method in openapi["paths"][path]
 
 
-def test_docs_page(client: httpx.Client) -> None:
-    response = client.get("/docs")
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_work_offline(client: httpx.Client, page: str) -> None:
+    response = client.get(page)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "openapi.json" in response.text
+    # Every script and stylesheet comes from this server: nothing on a CDN, so the page renders offline.
+    assets = re.findall(r'(?:src|href)="([^"]+)"', response.text)
+    assert assets, response.text
+    for asset in assets:
+        assert asset.startswith("/"), asset
+        fetched = client.get(asset)
+        assert fetched.status_code == 200, asset
+        assert len(fetched.content) > 1000, asset  # the real bundle, not a placeholder
+
+
+def test_examples_in_the_openapi_document_are_inline(openapi: dict[str, Any]) -> None:
+    # Trying an example in /docs must not send the server to the internet.
+    for name, schema in openapi["components"]["schemas"].items():
+        image = schema.get("properties", {}).get("image_url")
+        if image is not None:
+            assert all(example.startswith("data:image/") for example in image["examples"]), name

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from PIL import Image
 
 from kontextd.config import Settings
-from kontextd.server import client_environment
+from kontextd.server import client_environment, client_instructions
 from kontextd.webhooks.signing import verify_webhook
 
 KEY = "test-key-1"
@@ -124,6 +124,22 @@ def test_exported_environment(tls_server: KontextdServer) -> None:
 def test_client_environment_lines(settings: Settings, ca_file: str | None, expected: list[str]) -> None:
     # A --public-url behind a reverse proxy keeps its path prefix: fal-client hosts may carry one.
     assert client_environment(settings, ca_file) == expected
+
+
+def test_over_plain_http_the_server_says_fal_client_needs_https(server: KontextdServer) -> None:
+    # fal-client builds https:// URLs whatever its hosts say: export lines would fail (WRONG_VERSION_NUMBER).
+    printed = "".join(line for line in server.output if line.startswith("kontextd:") or line.startswith("  "))
+    assert "fal-client speaks only HTTPS" in printed
+    assert "--tls-self-signed" in printed
+    assert "export FAL_RUN_HOST" not in printed
+    # Behind an HTTPS proxy (--public-url https://...) the lines are printed, since they will work.
+    lines = client_instructions(Settings(public_url="https://kontext.example.com", api_keys=("k",)), None)
+    assert lines[0] == "kontextd: point fal-client at this server with:"
+    assert lines[1:] == [
+        "  export FAL_RUN_HOST=kontext.example.com/run",
+        "  export FAL_QUEUE_RUN_HOST=kontext.example.com",
+        "  export FAL_KEY=<one of your --api-key values>",
+    ]
 
 
 def test_subscribe_with_logs(tls_server: KontextdServer) -> None:
