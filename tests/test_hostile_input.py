@@ -104,7 +104,7 @@ def test_no_file_outside_storage_is_served(hostile: KontextdServer, client: http
             assert json.loads(body) in ({"detail": "File not found"}, {"detail": "Not Found"}), target
 
 
-def test_a_symlink_planted_in_storage_is_not_followed(hostile: KontextdServer, tmp_path: Path) -> None:
+def test_a_symlink_or_fifo_planted_in_storage_is_not_served(hostile: KontextdServer, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "0.png").write_bytes(png_bytes(4, 4))
@@ -117,8 +117,12 @@ def test_a_symlink_planted_in_storage_is_not_followed(hostile: KontextdServer, t
     (files / real).mkdir()
     (files / real / "0.png").write_bytes(png_bytes(4, 4))
 
+    fifo = str(uuid.uuid4())
+    (files / fifo).mkdir()
+    os.mkfifo(files / fifo / "0.png")  # opening it for reading would block until a writer came
+
     assert raw_get(hostile, f"/files/{real}/0.png".encode())[0] == 200  # a plain file in the root: served
-    for key in (f"{linked_folder}/0.png", f"{linked_file}/0.png"):
+    for key in (f"{linked_folder}/0.png", f"{linked_file}/0.png", f"{fifo}/0.png"):
         code, body = raw_get(hostile, f"/files/{key}".encode())
         assert (code, json.loads(body)) == (404, {"detail": "File not found"}), key
 

@@ -67,6 +67,8 @@ def _open_in_root(root: Path, folder: str, name: str) -> int:
     finally:
         os.close(root_fd)
     try:
-        return os.open(name, os.O_RDONLY | _NO_FOLLOW, dir_fd=folder_fd)
+        # O_NONBLOCK: a FIFO planted in the root would otherwise block the open forever; the caller refuses
+        # anything that is not a regular file, for which the flag changes nothing.
+        return os.open(name, os.O_RDONLY | _NO_FOLLOW | os.O_NONBLOCK, dir_fd=folder_fd)
     finally:
         os.close(folder_fd)
