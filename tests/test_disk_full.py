@@ -16,8 +16,9 @@ import pytest
 from conftest import KontextdServer, fill_disk, png_bytes, small_disk, wait_completed, wait_for
 from PIL import Image
 
+from kontextd.jobs.lifecycle import MAX_STORAGE_FAILURES
 from kontextd.jobs.model import NewJob, State
-from kontextd.jobs.sqlite import MAX_STORAGE_FAILURES, SQLiteJobStore
+from kontextd.jobs.sqlite import SQLiteJobStore
 from kontextd.jobs.store import StoreUnavailable
 
 APP_ID = "fal-ai/flux-kontext/dev"

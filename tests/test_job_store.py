@@ -22,15 +22,9 @@ from unittest import mock
 import pytest
 
 from kontextd.jobs import outcomes
+from kontextd.jobs.lifecycle import MAX_FAILURES, MAX_INTERRUPTIONS, MAX_STORAGE_FAILURES
 from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Priority, Release, State
-from kontextd.jobs.sqlite import (
-    MAX_FAILURES,
-    MAX_INTERRUPTIONS,
-    MAX_STORAGE_FAILURES,
-    POOL_SIZE,
-    DataDirInUse,
-    SQLiteJobStore,
-)
+from kontextd.jobs.sqlite import POOL_SIZE, DataDirInUse, SQLiteJobStore
 from kontextd.jobs.store import JobStore, StoreUnavailable
 
 APP_ID = "fal-ai/flux-kontext/dev"

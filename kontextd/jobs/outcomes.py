@@ -55,6 +55,15 @@ def internal_error(message: str) -> Outcome:
     )
 
 
+def storage_error(tries: int) -> Outcome:
+    """The images could not be stored (disk full), `tries` times: retryable later, hence 503."""
+    message = "The server's disk is full: this request's images could not be stored"
+    message += f" ({tries} tries)" if tries > 1 else ""
+    return Outcome(
+        503, {"detail": message, "error_type": "storage_error"}, error=message, error_type="storage_error"
+    )
+
+
 def webhook_body(request_id: str, gateway_request_id: str, outcome: Outcome) -> bytes:
     """The JSON fal POSTs to `fal_webhook` when a request ends."""
     message: dict[str, Any] = {"request_id": request_id, "gateway_request_id": gateway_request_id}

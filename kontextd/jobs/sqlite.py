@@ -15,12 +15,11 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kontextd.jobs import outcomes
+from kontextd.jobs import lifecycle, outcomes
 from kontextd.jobs.model import (
     CancelResult,
     DueWebhook,
@@ -110,16 +109,8 @@ MIGRATIONS: list[tuple[str, str, str]] = [
     ("jobs", "storage_failures", "INTEGER NOT NULL DEFAULT 0"),
 ]
 
-MAX_FAILURES = 3  # a request whose worker was lost this often (lease lapsed) is failed, not retried forever
-MAX_INTERRUPTIONS = 10  # a request the server died under this often is failed: it may be what kills it
-MAX_STORAGE_FAILURES = 5  # a request whose images could not be stored this often ends with storage_error
 POOL_SIZE = 8  # open connections at most, whatever the number of threads: one writes, the others read
 WAIT_SECONDS = 10.0  # for the write turn or a free connection; then the store is "busy" (503)
-
-REQUEUED_LEASE = "The worker running this request stopped; it was queued again"
-REQUEUED_RESTART = "The server stopped while this request ran; it was queued again"
-REQUEUED_SHUTDOWN = "The server is shutting down; this request was queued again and runs again from the start"
-REQUEUED_STORAGE = "Its images could not be stored (disk full); it was queued again"
 
 
 class DataDirInUse(RuntimeError):
@@ -555,7 +546,7 @@ class SQLiteJobStore:
                 (now,),
             ).fetchall()
             for row in rows:
-                self._requeue_or_end(connection, row, now, _LEASE_LAPSED)
+                self._requeue_or_end(connection, row, now, lifecycle.LEASE_LAPSED)
             return len(rows)
 
     def recover_after_restart(self, now: float) -> int:
@@ -568,7 +559,7 @@ class SQLiteJobStore:
                 "SELECT * FROM jobs WHERE state = 'IN_PROGRESS' ORDER BY started_at, rowid"
             ).fetchall()
             for row in rows:
-                self._requeue_or_end(connection, row, now, _INTERRUPTED)
+                self._requeue_or_end(connection, row, now, lifecycle.INTERRUPTED)
             return len(rows)
 
     def release(self, request_id: str, worker_id: str, reason: Release, now: float) -> State | None:
@@ -576,7 +567,7 @@ class SQLiteJobStore:
             row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
             if row is None or row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id:
                 return None
-            return self._requeue_or_end(connection, row, now, _RELEASES[reason])
+            return self._requeue_or_end(connection, row, now, lifecycle.RELEASES[reason])
 
     def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
         """Move queued jobs whose app is now routed to another backend into that backend's lane, keeping
@@ -601,7 +592,7 @@ class SQLiteJobStore:
         return moved
 
     def _requeue_or_end(
-        self, connection: sqlite3.Connection, row: sqlite3.Row, now: float, why: "_Requeue"
+        self, connection: sqlite3.Connection, row: sqlite3.Row, now: float, why: lifecycle.Requeue
     ) -> State:
         """Put a running job back at the head of its lane, or end it when it must not run again."""
         count = row[why.counter] + 1 if why.counter else 0
@@ -609,12 +600,9 @@ class SQLiteJobStore:
             connection.execute(
                 f"UPDATE jobs SET {why.counter} = ? WHERE request_id = ?", (count, row["request_id"])
             )
-        if row["cancel_requested"]:
-            self._finish(connection, row, outcomes.cancelled(), now)
-        elif row["no_retry"]:
-            self._finish(connection, row, why.not_retried(), now)
-        elif why.counter and count >= why.limit:
-            self._finish(connection, row, why.given_up(count), now)
+        ending = why.ending(count, bool(row["cancel_requested"]), bool(row["no_retry"]))
+        if ending is not None:
+            self._finish(connection, row, ending, now)
         else:
             connection.execute(
                 # It did start in time once: the start deadline no longer applies to the re-run.
@@ -792,50 +780,3 @@ def _migrate(connection: sqlite3.Connection) -> None:
         present = {row["name"] for row in connection.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-
-
-def _storage_error(tries: int) -> Outcome:
-    message = "The server's disk is full: this request's images could not be stored"
-    message += f" ({tries} tries)" if tries > 1 else ""
-    return Outcome(
-        503, {"detail": message, "error_type": "storage_error"}, error=message, error_type="storage_error"
-    )
-
-
-@dataclass(frozen=True)
-class _Requeue:
-    """One reason a running job stops short: what it counts, up to what limit, and what the logs say."""
-
-    requeued: str  # the WARN line in the request's logs when it is queued again
-    not_retried: Callable[[], Outcome]  # how an x-fal-no-retry request ends instead
-    counter: str | None = None  # the column counting this reason; None: not counted at all
-    limit: int = 0
-    given_up: Callable[[int], Outcome] = _storage_error  # how it ends once the count reaches the limit
-
-
-def _not_retried() -> Outcome:
-    return outcomes.internal_error("The worker stopped; not retried (x-fal-no-retry)")
-
-
-_LEASE_LAPSED = _Requeue(
-    REQUEUED_LEASE,
-    _not_retried,
-    "failures",
-    MAX_FAILURES,
-    lambda count: outcomes.internal_error(f"The worker running this request stopped {count} times"),
-)
-_INTERRUPTED = _Requeue(
-    REQUEUED_RESTART,
-    _not_retried,
-    "interruptions",
-    MAX_INTERRUPTIONS,
-    lambda count: outcomes.internal_error(
-        f"The server stopped {count} times while this request ran; it is not run again"
-    ),
-)
-_RELEASES = {
-    Release.SHUTDOWN: _Requeue(REQUEUED_SHUTDOWN, _not_retried),
-    Release.STORAGE_FULL: _Requeue(
-        REQUEUED_STORAGE, lambda: _storage_error(1), "storage_failures", MAX_STORAGE_FAILURES, _storage_error
-    ),
-}
