@@ -5,8 +5,10 @@ import io
 
 from PIL import Image
 
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
-EXTENSIONS = {"image/jpeg": "jpeg", "image/png": "png", "image/webp": "webp"}
+from kontextd.storage import keys
+
+CONTENT_TYPES = {output_format: keys.CONTENT_TYPES[output_format] for output_format in ("jpeg", "png")}
+EXTENSIONS = {content_type: extension for extension, content_type in keys.CONTENT_TYPES.items()}
 
 
 def encode_image(image: Image.Image, output_format: str) -> bytes:

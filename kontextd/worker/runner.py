@@ -25,6 +25,7 @@ from kontextd.jobs import outcomes
 from kontextd.jobs.model import Job, Outcome, Release, State
 from kontextd.jobs.store import JobStore, StoreUnavailable
 from kontextd.storage.base import Storage
+from kontextd.storage.keys import output_key
 from kontextd.worker.encoding import CONTENT_TYPES, EXTENSIONS, data_uri, encode_image
 
 log = logging.getLogger("kontextd.worker")
@@ -221,7 +222,7 @@ class Worker:
             if params.sync_mode:
                 url = data_uri(data, content_type)
             else:
-                key = f"{job.request_id}/{index}.{extension}"
+                key = output_key(job.request_id, index, extension)
                 url = self._put(key, data, content_type, keys)
                 keys.append(key)
             described.append(
