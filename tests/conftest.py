@@ -1,5 +1,6 @@
 """Shared fixtures: kontextd as a real process on loopback, and small loopback servers tests talk to."""
 
+import asyncio
 import contextlib
 import errno
 import http.server
@@ -16,10 +17,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
+
+from kontextd.fetch.addresses import AllowList
+from kontextd.fetch.guard import GuardedFetcher
+from kontextd.jobs.sqlite import SQLiteJobStore
+from kontextd.webhooks.delivery import WebhookDispatcher
+from kontextd.webhooks.signing import WebhookSigner
 
 STARTUP_SECONDS = 90
 UPSTREAM_VARIABLES = frozenset(
@@ -313,3 +322,29 @@ def fill_disk(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+@contextlib.contextmanager
+def dispatching(store: SQLiteJobStore, **options: Any) -> Iterator[WebhookDispatcher]:
+    """A dispatcher polling every 50 ms on a thread of its own, stopped (and waited for) on exit."""
+    started = threading.Event()
+    running: dict[str, Any] = {}
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        async with GuardedFetcher(AllowList.parse("127.0.0.1")) as fetcher:
+            signer = WebhookSigner(Ed25519PrivateKey.generate())
+            dispatcher = WebhookDispatcher(store, signer, fetcher, options.pop("backoff", (0.05,)), **options)
+            running.update(loop=asyncio.get_running_loop(), stop=stop, dispatcher=dispatcher)
+            started.set()
+            await dispatcher.run(stop, poll_seconds=0.05)
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        yield running["dispatcher"]
+    finally:
+        running["loop"].call_soon_threadsafe(running["stop"].set)
+        thread.join(30)
+        assert not thread.is_alive(), "the dispatcher did not stop"

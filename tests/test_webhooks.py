@@ -5,7 +5,6 @@ The server tests run kontextd as a real process on loopback. The dispatcher test
 in this process against a real SQLite store and real loopback receivers, where its limits are observable.
 """
 
-import asyncio
 import contextlib
 import http.server
 import json
@@ -19,16 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import KontextdServer, LoopbackServer, wait_completed, wait_for
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from conftest import KontextdServer, LoopbackServer, dispatching, wait_completed, wait_for
 
-from kontextd.fetch.addresses import AllowList
-from kontextd.fetch.guard import GuardedFetcher
 from kontextd.jobs import outcomes
 from kontextd.jobs.model import NewJob
 from kontextd.jobs.sqlite import SQLiteJobStore
 from kontextd.webhooks.delivery import WEBHOOK_ID_HEADER, WebhookDispatcher
-from kontextd.webhooks.signing import WebhookSigner, verify_webhook
+from kontextd.webhooks.signing import verify_webhook
 
 APP_ID = "fal-ai/flux-kontext/dev"
 BACKOFF = "0.2,0.2,0.2"  # four tries in all
@@ -368,32 +364,6 @@ def finished(store: SQLiteJobStore, url: str, count: int = 1) -> list[str]:
 def state_of(store: SQLiteJobStore, request_id: str) -> tuple[str, int]:
     (delivery,) = store.webhook_deliveries(request_id)
     return delivery.state, delivery.attempts
-
-
-@contextlib.contextmanager
-def dispatching(store: SQLiteJobStore, **options: Any) -> Iterator[WebhookDispatcher]:
-    """A dispatcher polling every 50 ms on a thread of its own, stopped (and waited for) on exit."""
-    started = threading.Event()
-    running: dict[str, Any] = {}
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        async with GuardedFetcher(AllowList.parse("127.0.0.1")) as fetcher:
-            signer = WebhookSigner(Ed25519PrivateKey.generate())
-            dispatcher = WebhookDispatcher(store, signer, fetcher, options.pop("backoff", (0.05,)), **options)
-            running.update(loop=asyncio.get_running_loop(), stop=stop, dispatcher=dispatcher)
-            started.set()
-            await dispatcher.run(stop, poll_seconds=0.05)
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(30)
-    try:
-        yield running["dispatcher"]
-    finally:
-        running["loop"].call_soon_threadsafe(running["stop"].set)
-        thread.join(30)
-        assert not thread.is_alive(), "the dispatcher did not stop"
 
 
 def rounds_later(dispatcher: WebhookDispatcher, count: int = 3) -> None:
