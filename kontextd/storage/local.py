@@ -12,8 +12,8 @@ from kontextd.storage.base import StoredFile
 
 # Refuse to follow a symlink at either level of `<request id>/<name>`: a link planted in the root (by
 # anyone who can write there) must not lead outside it, and checking a resolved path first and opening it
-# afterwards would leave a window to swap the link in.
-_NO_FOLLOW = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# afterwards would leave a window to swap the link in. (os.open makes descriptors non-inheritable itself.)
+_NO_FOLLOW = os.O_NOFOLLOW
 
 
 class LocalStorage:
@@ -61,7 +61,7 @@ class LocalStorage:
 
 def _open_in_root(root: Path, folder: str, name: str) -> int:
     """Open `root/folder/name` for reading without following a symlink at `folder` or `name`."""
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | _NO_FOLLOW, dir_fd=root_fd)
     finally:
