@@ -82,12 +82,13 @@ class JsonRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        takes_body = self.body_field is not None
+        if self.body_field is None:  # status, result, cancel: no body to parse, nothing to wrap
+            return handler
 
         async def strict(request: Request) -> Response:
             request = StrictJsonRequest(request.scope, request.receive)
             content_type = request.headers.get("content-type")
-            if takes_body and not is_json(content_type) and await request.body():
+            if not is_json(content_type) and await request.body():
                 return unsupported_media_type(content_type)
             return await handler(request)
 
