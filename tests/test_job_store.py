@@ -1,11 +1,15 @@
 """The job store's behaviour, written against the JobStore protocol.
 
-Every test that only uses the protocol runs once per store kind in STORES; a PostgreSQL store joins by
-adding a factory there. Tests of the embedded store's own extras (recover_after_restart, the data-dir
-lock, snapshot reads) use the `sqlite_store` and `sqlite_path` fixtures.
+Every test that only uses the protocol runs once per store kind in STORES: the embedded SQLite store and
+the shared PostgreSQL one (on a fresh schema per test: tests/pg_fixtures.py; skipped when the machine has
+no PostgreSQL). Tests of the embedded store's own extras (recover_after_restart, the data-dir lock,
+releasing every webhook in flight at start-up, snapshot reads) use the `sqlite_store` and `sqlite_path`
+fixtures; their shared-store counterparts, and what only several processes on one database can show, are
+in tests/test_postgres_store.py.
 """
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -24,6 +28,7 @@ import pytest
 from kontextd.jobs import outcomes
 from kontextd.jobs.lifecycle import MAX_FAILURES, MAX_INTERRUPTIONS, MAX_STORAGE_FAILURES
 from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Priority, Release, State
+from kontextd.jobs.postgres import PostgresJobStore, _Transaction
 from kontextd.jobs.sqlite import POOL_SIZE, DataDirInUse, SQLiteJobStore
 from kontextd.jobs.store import JobStore, StoreUnavailable
 
@@ -33,16 +38,21 @@ LEASE = 60.0
 WARN_REQUEUED = "The worker running this request stopped; it was queued again"
 WARN_RESTARTED = "The server stopped while this request ran; it was queued again"
 WARN_SHUTDOWN = "The server is shutting down; this request was queued again and runs again from the start"
-WARN_STORAGE = "Its images could not be stored (disk full); it was queued again"
+WARN_STORAGE = "Its images could not be stored (disk full or storage unavailable); it was queued again"
 
 # -- store construction: one factory per store kind ----------------------------------------------------
 
 StoreOpener = Callable[[], JobStore]
 
 
-def _sqlite_opener(tmp_path: Path) -> StoreOpener:
-    path = tmp_path / "jobs.sqlite3"
+def _sqlite_opener(request: pytest.FixtureRequest) -> StoreOpener:
+    path = request.getfixturevalue("tmp_path") / "jobs.sqlite3"
     return lambda: SQLiteJobStore(path)
+
+
+def _postgres_opener(request: pytest.FixtureRequest) -> StoreOpener:
+    dsn = request.getfixturevalue("pg_dsn")  # a fresh schema: every store opened sees the same database
+    return lambda: PostgresJobStore(dsn)
 
 
 @contextlib.contextmanager
@@ -56,8 +66,38 @@ def _sqlite_bulk(store: JobStore) -> Iterator[None]:
         connection.execute("COMMIT")
 
 
-STORES: dict[str, Callable[[Path], StoreOpener]] = {"sqlite": _sqlite_opener}
-BULK: dict[str, Callable[[JobStore], contextlib.AbstractContextManager[None]]] = {"sqlite": _sqlite_bulk}
+@contextlib.contextmanager
+def _postgres_bulk(store: JobStore, per_commit: int = 1000) -> Iterator[None]:
+    """Run many submits per transaction (one commit per thousand instead of one each), through submit
+    itself. Not all of them in one: PostgreSQL keeps every version of a row updated over and over in one
+    transaction (the ticket counter) until it ends, and each update walks them."""
+    assert isinstance(store, PostgresJobStore)
+    with store._connection() as connection:
+        transaction = _Transaction(connection)
+        uses = itertools.count(1)
+
+        def write() -> contextlib.AbstractContextManager[_Transaction]:
+            if next(uses) % per_commit == 0:
+                transaction.send_notifications()
+                connection.execute("COMMIT")
+                connection.execute("BEGIN")
+            return contextlib.nullcontext(transaction)
+
+        connection.execute("BEGIN")
+        with mock.patch.object(store, "_write", write):
+            yield
+        transaction.send_notifications()
+        connection.execute("COMMIT")
+
+
+STORES: dict[str, Callable[[pytest.FixtureRequest], StoreOpener]] = {
+    "sqlite": _sqlite_opener,
+    "postgres": _postgres_opener,
+}
+BULK: dict[str, Callable[[JobStore], contextlib.AbstractContextManager[None]]] = {
+    "sqlite": _sqlite_bulk,
+    "postgres": _postgres_bulk,
+}
 
 
 @dataclass
@@ -67,10 +107,10 @@ class StoreKind:
 
 
 @pytest.fixture(params=sorted(STORES))
-def store_kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreKind]:
+def store_kind(request: pytest.FixtureRequest) -> Iterator[StoreKind]:
     """Opens stores of one kind on one database; every store opened is closed at the end."""
     opened: list[JobStore] = []
-    opener = STORES[request.param](tmp_path)
+    opener = STORES[request.param](request)
 
     def open_store() -> JobStore:
         store = opener()
@@ -775,7 +815,7 @@ def test_storage_failures_requeue_until_the_limit_then_end_with_storage_error(st
     job = get(store, "a")
     assert job.outcome is not None
     assert (job.outcome.status_code, job.outcome.error_type) == (503, "storage_error")
-    assert job.outcome.error is not None and "disk is full" in job.outcome.error
+    assert job.outcome.error is not None and "storage is full or unavailable" in job.outcome.error
     assert job.outcome.body == {"detail": job.outcome.error, "error_type": "storage_error"}
     assert [line.message for line in store.logs("a")] == [WARN_STORAGE] * (MAX_STORAGE_FAILURES - 1)
     assert len(store.webhook_deliveries("a")) == 1  # its end is notified like any other
@@ -1078,13 +1118,19 @@ def test_a_webhook_that_ended_is_never_started_or_counted_again(store: JobStore)
     assert store.due_webhooks(now + 10_000, 10) == []
 
 
-def test_release_webhooks_makes_tries_cut_short_due_now_without_counting_them(store: JobStore) -> None:
-    now = time.time()
+def webhooks_in_flight(store: JobStore, now: float) -> dict[str, int]:
+    """Deliveries a, b and c in flight until now + 50; "waiting" tried once, next try at now + 30."""
     ids = {name: finished_with_webhook(store, name, now) for name in ["a", "b", "c", "waiting"]}
     for name in ["a", "b", "c"]:
         store.start_webhook(ids[name], now, now + 50)
     store.start_webhook(ids["waiting"], now, now + 50)
     store.webhook_attempted(ids["waiting"], False, now + 30, "HTTP 500")
+    return ids
+
+
+def test_release_webhooks_makes_tries_cut_short_due_now_without_counting_them(store: JobStore) -> None:
+    now = time.time()
+    ids = webhooks_in_flight(store, now)
 
     # Named (a shutdown stopped these): only those, and only while in flight.
     assert store.release_webhooks(now + 1, [ids["a"], ids["waiting"]]) == 1
@@ -1092,26 +1138,36 @@ def test_release_webhooks_makes_tries_cut_short_due_now_without_counting_them(st
     assert (delivery_of(store, "a").state, delivery_of(store, "a").attempts) == ("pending", 0)
     assert delivery_of(store, "waiting").state == "pending"
     assert store.due_webhooks(now + 29, 10) == store.due_webhooks(now + 1, 10)  # its retry time is kept
-
-    # All (at start-up): every delivery still in flight, whatever its deadline.
-    assert store.release_webhooks(now + 2) == 2
-    assert [due.request_id for due in store.due_webhooks(now + 2, 10)] == ["a", "b", "c"]
-    assert all(delivery_of(store, name).attempts == 0 for name in ["a", "b", "c"])
-    assert store.release_webhooks(now + 3) == 0
+    assert store.release_webhooks(now + 1, []) == 0
 
 
-def test_a_webhook_in_flight_when_the_store_closed_is_released_on_reopening(store_kind: StoreKind) -> None:
+def test_release_webhooks_without_ids_releases_every_try_in_flight(sqlite_store: SQLiteJobStore) -> None:
+    """At start-up, for a store only this process uses: every delivery in flight was the dead process's.
+    (A shared store releases nothing so: tests/test_postgres_store.py.)"""
     now = time.time()
-    store = store_kind.open()
+    ids = webhooks_in_flight(sqlite_store, now)
+    assert sqlite_store.release_webhooks(now + 1, [ids["a"]]) == 1
+    assert sqlite_store.release_webhooks(now + 2) == 2  # whatever their deadline
+    assert [due.request_id for due in sqlite_store.due_webhooks(now + 2, 10)] == ["a", "b", "c"]
+    assert all(delivery_of(sqlite_store, name).attempts == 0 for name in ["a", "b", "c"])
+    assert sqlite_store.release_webhooks(now + 3) == 0
+
+
+def test_a_webhook_in_flight_when_the_store_closed_is_released_on_reopening(sqlite_path: Path) -> None:
+    now = time.time()
+    store = SQLiteJobStore(sqlite_path)
     delivery_id = finished_with_webhook(store, "a", now)
     store.start_webhook(delivery_id, now, now + 50)
     store.close()  # the process died mid-send
 
-    reopened = store_kind.open()
-    assert delivery_of(reopened, "a").state == "sending"
-    assert reopened.due_webhooks(now + 1, 10) == []
-    assert reopened.release_webhooks(now + 1) == 1
-    assert [due.delivery_id for due in reopened.due_webhooks(now + 1, 10)] == [delivery_id]
+    reopened = SQLiteJobStore(sqlite_path)
+    try:
+        assert delivery_of(reopened, "a").state == "sending"
+        assert reopened.due_webhooks(now + 1, 10) == []
+        assert reopened.release_webhooks(now + 1) == 1
+        assert [due.delivery_id for due in reopened.due_webhooks(now + 1, 10)] == [delivery_id]
+    finally:
+        reopened.close()
 
 
 def test_due_webhooks_respects_the_limit_oldest_first_and_pages_on(store: JobStore) -> None:
@@ -1189,6 +1245,48 @@ def test_data_survives_closing_and_reopening(store_kind: StoreKind) -> None:
     assert get(second, "a").state is State.IN_PROGRESS
     assert [line.message for line in second.logs("a")] == ["step 1/2"]
     assert second.submit(new_job("d")) == 2
+
+
+# -- coordination between processes (the embedded store has nobody to coordinate with) -------------
+
+
+def test_a_secret_is_made_once_and_kept(store_kind: StoreKind) -> None:
+    made: list[bytes] = []
+
+    def make() -> bytes:
+        made.append(os.urandom(32))
+        return made[-1]
+
+    first = store_kind.open()
+    key = first.secret("webhook-signing", make)
+    assert first.secret("webhook-signing", make) == key and made == [key]
+    assert first.secret("other", lambda: b"other") == b"other"
+    first.close()
+    assert store_kind.open().secret("webhook-signing", lambda: pytest.fail("made again")) == key
+
+
+def test_a_free_turn_is_taken_and_listening_can_be_stopped(store: JobStore) -> None:
+    task = f"sweep-{uuid.uuid4()}"  # PostgreSQL's advisory locks span the database: not one another run holds
+    with store.turn(task) as mine:
+        assert mine is True
+    with store.turn(task) as again:
+        assert again is True
+    stop = store.listen(lambda request_id: None, lambda lane: None)
+    stop()
+    stop()  # stopping twice is harmless
+
+
+def test_the_embedded_store_is_not_shared_and_notifies_nobody(sqlite_store: SQLiteJobStore) -> None:
+    """Its one process wakes its own waiters; and nobody else can hold a turn."""
+    assert sqlite_store.shared is False
+    heard: list[str] = []
+    stop = sqlite_store.listen(heard.append, heard.append)
+    sqlite_store.submit(new_job("a"))
+    sqlite_store.append_log("a", "hello", "INFO", time.time())
+    with sqlite_store.turn("sweep") as mine, sqlite_store.turn("sweep") as again:
+        assert mine is True and again is True
+    stop()
+    assert heard == []
 
 
 # -- the embedded store's extras -------------------------------------------------------------------

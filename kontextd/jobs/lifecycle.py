@@ -19,7 +19,7 @@ MAX_STORAGE_FAILURES = 5  # a request whose images could not be stored this ofte
 REQUEUED_LEASE = "The worker running this request stopped; it was queued again"
 REQUEUED_RESTART = "The server stopped while this request ran; it was queued again"
 REQUEUED_SHUTDOWN = "The server is shutting down; this request was queued again and runs again from the start"
-REQUEUED_STORAGE = "Its images could not be stored (disk full); it was queued again"
+REQUEUED_STORAGE = "Its images could not be stored (disk full or storage unavailable); it was queued again"
 
 
 def _not_retried() -> Outcome:

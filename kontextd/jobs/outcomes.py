@@ -56,8 +56,9 @@ def internal_error(message: str) -> Outcome:
 
 
 def storage_error(tries: int) -> Outcome:
-    """The images could not be stored (disk full), `tries` times: retryable later, hence 503."""
-    message = "The server's disk is full: this request's images could not be stored"
+    """The images could not be stored (disk full, object storage down), `tries` times: retryable later,
+    hence 503."""
+    message = "The server's storage is full or unavailable: this request's images could not be stored"
     message += f" ({tries} tries)" if tries > 1 else ""
     return Outcome(
         503, {"detail": message, "error_type": "storage_error"}, error=message, error_type="storage_error"

@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,11 @@ from kontextd.jobs.model import (
     State,
     WebhookDelivery,
 )
+from kontextd.jobs.rows import delivery as _delivery
+from kontextd.jobs.rows import job as _job
+from kontextd.jobs.rows import outcome_fields as _outcome_fields
+from kontextd.jobs.rows import output_keys as _output_keys
+from kontextd.jobs.rows import summary as _summary
 from kontextd.jobs.store import StoreUnavailable
 
 SCHEMA = """
@@ -95,6 +100,8 @@ CREATE INDEX IF NOT EXISTS webhook_due_or_lapsed ON webhook_deliveries(next_atte
 CREATE INDEX IF NOT EXISTS webhook_sending ON webhook_deliveries(delivery_id) WHERE state = 'sending';
 -- Pruning a request's record deletes its finished deliveries with it.
 CREATE INDEX IF NOT EXISTS webhook_deliveries_request ON webhook_deliveries(request_id);
+-- Deployment-wide secrets (the webhook signing key), made once and kept.
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 """
 
 # Columns added since the first release, as (table, column, definition). SCHEMA above is the first
@@ -215,6 +222,10 @@ class _Pool:
 
 
 class SQLiteJobStore:
+    # One process owns the file (see the lock): whatever runs or is in flight at start-up was the dead
+    # previous process's, and this process wakes its own waiters (listen() has nothing to add).
+    shared = False
+
     def __init__(self, path: Path, pool_size: int = POOL_SIZE) -> None:
         self._path = path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,16 +388,7 @@ class SQLiteJobStore:
             ).fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             return None
-        ending = json.loads(row["outcome_json"]) if row["outcome_json"] is not None else {}
-        return JobSummary(
-            request_id=row["request_id"],
-            app_id=row["app_id"],
-            state=State(row["state"]),
-            metrics=ending.get("metrics", {}),
-            error=ending.get("error"),
-            error_type=ending.get("error_type"),
-            output_expired=bool(row["output_expired"]),
-        )
+        return _summary(row)
 
     def queue_position(self, request_id: str) -> int | None:
         with self._read() as connection:
@@ -538,7 +540,8 @@ class SQLiteJobStore:
                     (lane, priority, head),
                 )
 
-    def recover_abandoned(self, now: float) -> int:
+    def recover_abandoned(self, now: float, settle_seconds: float = 0.0) -> int:
+        # One process: its heartbeats and this sweep share the store, so no outage can favour one of them.
         with self._write() as connection:
             rows = connection.execute(
                 "SELECT * FROM jobs WHERE state = 'IN_PROGRESS' AND lease_expires_at < ?"
@@ -625,7 +628,7 @@ class SQLiteJobStore:
                 " AND expires_at IS NOT NULL AND expires_at < ? LIMIT ?",
                 (now, limit),
             ).fetchall()
-        return [(row[0], json.loads(row[1])["output_keys"]) for row in rows]
+        return [(row[0], _output_keys(row[1])) for row in rows]
 
     def mark_output_expired(self, request_id: str) -> None:
         """Leave a tombstone: state and how it ended (status still answers, the result says 410); the
@@ -713,65 +716,27 @@ class SQLiteJobStore:
             ).fetchall()
         return [_delivery(row) for row in rows]
 
+    # -- coordination: one process, nothing to coordinate -----------------------------------------
 
-def _outcome_fields(outcome: Outcome) -> dict[str, Any]:
-    return {
-        "status_code": outcome.status_code,
-        "error": outcome.error,
-        "error_type": outcome.error_type,
-        "metrics": outcome.metrics,
-        "output_keys": list(outcome.output_keys),
-        "served_by": outcome.served_by,
-    }
+    def listen(self, on_job: Callable[[str], None], on_lane: Callable[[str], None]) -> Callable[[], None]:
+        """Calls neither: the one process using this store wakes its own waiters."""
+        return lambda: None
 
+    def secret(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """The secret `name`, made with `make()` on first use and kept in the database from then on."""
+        with self._read() as connection:
+            row = connection.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            return bytes(row[0])
+        value = make()
+        with self._write() as connection:
+            connection.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, value))
+            kept = connection.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return bytes(kept[0])
 
-def _delivery(row: sqlite3.Row) -> WebhookDelivery:
-    return WebhookDelivery(
-        delivery_id=row["delivery_id"],
-        request_id=row["request_id"],
-        url=row["url"],
-        user_id=row["user_id"],
-        body=row["body"],
-        attempts=row["attempts"],
-        state=row["state"],
-        last_error=row["last_error"],
-    )
-
-
-def _job(row: sqlite3.Row) -> Job:
-    outcome = None
-    if row["outcome_json"] is not None:
-        fields = json.loads(row["outcome_json"])
-        outcome = Outcome(
-            status_code=fields["status_code"],
-            body=json.loads(row["result_json"]),
-            error=fields["error"],
-            error_type=fields["error_type"],
-            metrics=fields["metrics"],
-            output_keys=tuple(fields["output_keys"]),
-            served_by=fields.get("served_by"),
-        )
-    return Job(
-        request_id=row["request_id"],
-        gateway_request_id=row["gateway_request_id"],
-        app_id=row["app_id"],
-        owner=row["owner"],
-        lane=row["lane"],
-        input=json.loads(row["input_json"]),
-        state=State(row["state"]),
-        priority=Priority(row["priority"]),
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        cancel_requested=bool(row["cancel_requested"]),
-        attempts=row["attempts"],
-        webhook_url=row["webhook_url"],
-        outcome=outcome,
-        output_expired=bool(row["output_expired"]),
-        failures=row["failures"],
-        interruptions=row["interruptions"],
-        storage_failures=row["storage_failures"],
-    )
+    def turn(self, task: str) -> contextlib.AbstractContextManager[bool]:
+        """Always this process's turn: nobody else uses the store."""
+        return contextlib.nullcontext(True)
 
 
 def _migrate(connection: sqlite3.Connection) -> None:

@@ -1,8 +1,10 @@
 """The job store interface: the durable queue and state every other part talks to.
 
-The embedded implementation is SQLite (`kontextd.jobs.sqlite`); a scale-out one (PostgreSQL with
-SKIP LOCKED claims and LISTEN/NOTIFY) implements the same protocol. Methods are synchronous and short;
-the API calls the writing ones off the event loop. Any write may raise StoreUnavailable.
+The embedded implementation is SQLite (`kontextd.jobs.sqlite`), used by one process; the scale-out one is
+PostgreSQL (`kontextd.jobs.postgres`: SKIP LOCKED claims, LISTEN/NOTIFY), shared by any number of API
+nodes and worker processes. Both pass one contract suite (tests/test_job_store.py). Methods are
+synchronous and short; the API calls them off the event loop. Any call may raise StoreUnavailable (a full
+disk, a database that is down or restarting).
 
 A running request that stops short is re-run from the start, ahead of everything queued, unless it asked
 for no retries (`x-fal-no-retry`) or was cancelled. What stopped it decides what is counted against it:
@@ -11,7 +13,8 @@ it is an interruption (capped separately and more loosely: a request may be what
 graceful shutdown counts nothing; images that could not be stored count as storage failures.
 """
 
-from collections.abc import Collection, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from kontextd.jobs.model import (
@@ -34,6 +37,10 @@ class StoreUnavailable(Exception):
 
 
 class JobStore(Protocol):
+    # True when several processes use the store at once (PostgreSQL): then nothing may assume that a
+    # running job or an in-flight webhook belongs to a dead process; their leases and deadlines decide.
+    shared: bool
+
     def submit(self, job: NewJob) -> int:
         """Persist a new queued job; returns its queue position (0 = next to run)."""
 
@@ -77,10 +84,17 @@ class JobStore(Protocol):
     def expire_unstarted(self, now: float) -> int:
         """Complete queued jobs whose start deadline passed; returns how many."""
 
-    def recover_abandoned(self, now: float) -> int:
+    def recover_abandoned(self, now: float, settle_seconds: float = 0.0) -> int:
         """Re-queue running jobs whose lease lapsed while the server runs (their worker hung or died),
         ahead of everything else. Counted as the request's own failure: at the limit it ends with
-        internal_server_error; cancelled and x-fal-no-retry jobs end instead. Returns how many lapsed."""
+        internal_server_error; cancelled and x-fal-no-retry jobs end instead. Returns how many lapsed.
+        A shared store re-queues nothing until it has been reachable for `settle_seconds` (the lease): a
+        database outage stops every heartbeat, and the live workers renew once it is back."""
+
+    def recover_after_restart(self, now: float) -> int:
+        """Only for a store that is not shared, at start-up: re-queue every running job, ahead of
+        everything else, counted as an interruption (each belonged to the dead process before this one).
+        A shared store re-queues nothing here (returns 0): lapsed leases are recovered instead."""
 
     def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
         """Re-queue queued jobs of each app id (key) into its lane (value) when it is in another one,
@@ -121,5 +135,22 @@ class JobStore(Protocol):
 
     def webhook_deliveries(self, request_id: str) -> list[WebhookDelivery]:
         """A request's deliveries and where each stands, oldest first."""
+
+    # Coordination between the processes sharing a store.
+
+    def listen(self, on_job: Callable[[str], None], on_lane: Callable[[str], None]) -> Callable[[], None]:
+        """Call `on_job(request_id)` whenever any process changes a job (state, logs, cancel flag) and
+        `on_lane(lane)` whenever work is queued in a lane, from a thread of the store's; returns a function
+        that stops listening. Wake-ups may be lost (a reconnect) or spurious: waiters re-read the store on
+        a timeout too. A store that is not shared calls neither: its one process notifies itself."""
+
+    def secret(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """The deployment-wide secret `name` (the webhook signing key), made with `make()` and kept by the
+        first process that asks; every later call, in any process, gets those same bytes."""
+
+    def turn(self, task: str) -> contextlib.AbstractContextManager[bool]:
+        """A deployment-wide turn at a periodic `task` (sweeping): the block sees True when this process
+        holds it (no other process holds it until the block ends) and False when another one does, so a
+        chore runs once per period, not once per node. A store that is not shared always gives True."""
 
     def close(self) -> None: ...

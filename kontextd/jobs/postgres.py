@@ -1,0 +1,946 @@
+"""The scale-out job store: one PostgreSQL database shared by any number of API nodes and worker processes.
+
+It keeps SQLite's semantics exactly (tests/test_job_store.py runs one contract suite over both), with
+what sharing needs on top:
+
+- Claims lock the next job with `FOR UPDATE SKIP LOCKED`: claimers in many processes never take the same
+  job and never wait for each other; a row locked by anyone else is about to leave the queue anyway. Every
+  sweep over many rows (lapsed leases, start deadlines, lane moves, tombstones) skips locked rows too, so
+  several nodes may run it at once: the one holding a row handles it.
+- Queue positions use SQLite's arithmetic (dense tickets per lane and priority, minus the "holes" left by
+  jobs that left out of order). A ticket comes from `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` on a
+  per-(lane, priority) counter row, whose row lock is held to the commit: tickets of a level are handed out
+  in commit order, so every snapshot sees them dense. A position is one statement (one snapshot, whatever
+  the isolation level) of index seeks; `queue_position` reads the job and its position in one
+  REPEATABLE READ, READ ONLY transaction.
+- Every change to a job is announced with `pg_notify('kontextd_job', request_id)` and every enqueue with
+  `pg_notify('kontextd_lane', lane)`, in the changing transaction (PostgreSQL delivers them at its commit,
+  and never for a rollback). `listen()` relays them to the process's waiters from a thread of its own.
+- Nothing assumes a running job or an in-flight webhook belongs to a dead process (`shared = True`): lapsed
+  leases and lapsed send deadlines decide, never a start-up.
+- The database is never waited on unboundedly: connecting, waiting for a pooled connection, statements and
+  lock waits all have limits, and any failure of the database (down, restarting, unreachable, timed out)
+  raises StoreUnavailable with a short reason and the cause chained. The pool replaces broken connections
+  by itself, so calls work again once PostgreSQL is back. Commits are durable (synchronous_commit on).
+
+Times are the unix floats callers pass (`now`), never the database's clock, as in SQLite: nodes and the
+database need not agree on the time beyond what leases tolerate. Bodies are JSON text (cheaper to
+round-trip than jsonb; nothing queries inside them); webhook bodies are bytea.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import select
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from kontextd.jobs import lifecycle, outcomes, rows
+from kontextd.jobs.model import (
+    CancelResult,
+    DueWebhook,
+    Job,
+    JobSummary,
+    LogLine,
+    NewJob,
+    Outcome,
+    Priority,
+    Release,
+    State,
+    WebhookDelivery,
+)
+from kontextd.jobs.store import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+# The schema, as the steps that build it, applied in order; the database records how many it has had
+# (kontextd_schema_version). Append only: a released step never changes, a change is a new step.
+MIGRATIONS: list[str] = [
+    # 1: the first release's tables.
+    """
+    CREATE TABLE kontextd_jobs (
+        request_id text PRIMARY KEY,
+        seq bigint GENERATED ALWAYS AS IDENTITY,  -- the order jobs were made in (SQLite's rowid)
+        gateway_request_id text NOT NULL,
+        app_id text NOT NULL,
+        owner text NOT NULL,
+        lane text NOT NULL,  -- the backend whose workers run it
+        input_json text NOT NULL,
+        state text NOT NULL,
+        priority integer NOT NULL,
+        ticket bigint NOT NULL,
+        created_at double precision NOT NULL,
+        started_at double precision,
+        completed_at double precision,
+        start_deadline double precision,
+        cancel_requested boolean NOT NULL DEFAULT false,
+        no_retry boolean NOT NULL DEFAULT false,
+        worker_id text,
+        lease_expires_at double precision,
+        attempts integer NOT NULL DEFAULT 0,
+        failures integer NOT NULL DEFAULT 0,  -- its worker was lost (lease lapsed): its own doing
+        interruptions integer NOT NULL DEFAULT 0,  -- the server died under it: not its fault, but capped
+        storage_failures integer NOT NULL DEFAULT 0,  -- its images could not be stored (disk full)
+        webhook_url text,
+        output_ttl double precision,
+        outcome_json text,  -- how it ended, small: read by every status poll
+        result_json text,  -- the result body, possibly megabytes of data URIs: read only by the result route
+        expires_at double precision,
+        output_expired boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX kontextd_jobs_queue ON kontextd_jobs (lane, priority, ticket) WHERE state = 'IN_QUEUE';
+    CREATE INDEX kontextd_jobs_deadline ON kontextd_jobs (start_deadline)
+        WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+    CREATE INDEX kontextd_jobs_running ON kontextd_jobs (lease_expires_at) WHERE state = 'IN_PROGRESS';
+    CREATE INDEX kontextd_jobs_expiry ON kontextd_jobs (expires_at)
+        WHERE NOT output_expired AND expires_at IS NOT NULL;
+    CREATE INDEX kontextd_jobs_tombstones ON kontextd_jobs (expires_at) WHERE output_expired;
+    CREATE TABLE kontextd_queue_tickets (
+        lane text NOT NULL, priority integer NOT NULL, next_ticket bigint NOT NULL,
+        PRIMARY KEY (lane, priority)
+    );
+    CREATE TABLE kontextd_queue_holes (
+        lane text NOT NULL, priority integer NOT NULL, ticket bigint NOT NULL,
+        PRIMARY KEY (lane, priority, ticket)
+    );
+    CREATE TABLE kontextd_job_logs (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        request_id text NOT NULL, timestamp double precision NOT NULL, level text NOT NULL,
+        message text NOT NULL
+    );
+    CREATE INDEX kontextd_job_logs_request ON kontextd_job_logs (request_id, seq);
+    -- state: pending (next try at next_attempt_at), sending (a try in flight; next_attempt_at is its
+    -- deadline, after which the sender is presumed dead and the delivery is due again), delivered, failed.
+    CREATE TABLE kontextd_webhook_deliveries (
+        delivery_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        request_id text NOT NULL, url text NOT NULL, user_id text NOT NULL, body bytea NOT NULL,
+        attempts integer NOT NULL DEFAULT 0, next_attempt_at double precision,
+        state text NOT NULL DEFAULT 'pending', last_error text
+    );
+    CREATE INDEX kontextd_webhook_due ON kontextd_webhook_deliveries (next_attempt_at, delivery_id)
+        WHERE state IN ('pending', 'sending');
+    CREATE INDEX kontextd_webhook_deliveries_request ON kontextd_webhook_deliveries (request_id);
+    -- Deployment-wide secrets (the webhook signing key), made by the first node that asks.
+    CREATE TABLE kontextd_secrets (name text PRIMARY KEY, value bytea NOT NULL);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)  # what this node knows
+
+POOL_SIZE = 8  # pooled connections per store at most (the listener has its own)
+CONNECT_TIMEOUT_SECONDS = 5  # to open one connection (libpq counts whole seconds)
+WAIT_SECONDS = 10.0  # for a pooled connection (when PostgreSQL is down: then StoreUnavailable)
+RECONNECT_SECONDS = 5.0  # the pool retries a lost connection with backoff for this long, then anew on demand
+STATEMENT_TIMEOUT_SECONDS = 30.0
+LOCK_TIMEOUT_SECONDS = 10.0  # waiting for a row another node holds (SKIP LOCKED paths never wait)
+IDLE_IN_TRANSACTION_SECONDS = 60.0  # a node frozen mid-transaction loses its locks (and session) after this
+LISTEN_POLL_SECONDS = 0.2  # how often the listener looks up from its connection: how fast it stops
+LISTEN_RETRY_SECONDS = (0.2, 2.0)  # the listener's reconnection backoff: first and longest wait
+
+JOB_CHANNEL = "kontextd_job"  # payload: the request id of a job that changed
+LANE_CHANNEL = "kontextd_lane"  # payload: a lane work was queued in
+
+# What deciding about a job needs, without its input and result bodies (possibly megabytes).
+_CONTROL_COLUMNS = (
+    "request_id, gateway_request_id, owner, lane, state, priority, ticket, start_deadline, worker_id,"
+    " webhook_url, output_ttl, cancel_requested, no_retry, failures, interruptions, storage_failures"
+)
+
+
+def _position_sql(lane: str, priority: str, ticket: str) -> str:
+    """How many queued jobs of `lane` run before the one with `ticket` at `priority` (SQL expressions:
+    parameters or a job's columns), as SQLite counts it: for its own level, the distance from the head of
+    the level minus the holes between; for each level ahead of it, the same up to that level's next ticket
+    (its length). Index seeks only, a few per level: the queue is never scanned."""
+    return f"""(
+        SELECT coalesce(sum(
+            CASE WHEN head.ticket IS NULL OR head.ticket >= level.upto THEN 0
+            ELSE (level.upto - head.ticket) - (
+                SELECT count(*) FROM kontextd_queue_holes AS hole
+                WHERE hole.lane = {lane} AND hole.priority = level.priority
+                    AND hole.ticket > head.ticket AND hole.ticket < level.upto
+            ) END
+        ), 0)
+        FROM (
+            SELECT counter.priority,
+                CASE WHEN counter.priority = {priority} THEN {ticket} ELSE counter.next_ticket END AS upto
+            FROM kontextd_queue_tickets AS counter
+            WHERE counter.lane = {lane} AND counter.priority <= {priority}
+        ) AS level
+        CROSS JOIN LATERAL (
+            SELECT min(queued.ticket) AS ticket FROM kontextd_jobs AS queued
+            WHERE queued.state = 'IN_QUEUE' AND queued.lane = {lane} AND queued.priority = level.priority
+        ) AS head
+    )"""
+
+
+# One statement each: one snapshot of the tickets, holes and heads, whatever the isolation level.
+_POSITION = f"SELECT {_position_sql('%(lane)s', '%(priority)s', '%(ticket)s')} AS ahead"
+_QUEUE_POSITION = (
+    "SELECT CASE WHEN job.state = 'IN_QUEUE' THEN"
+    f" {_position_sql('job.lane', 'job.priority', 'job.ticket')} END AS ahead"
+    " FROM kontextd_jobs AS job WHERE job.request_id = %(request_id)s"
+)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer kontextd than this node: this node must not touch it."""
+
+
+def _check_connection(connection: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection it lends, without a round trip in the usual case: an idle
+    connection has nothing to read unless the server spoke, and a server that ends a session (a restart, a
+    terminated backend) says so or closes the socket, both of which make it readable. Only then is it
+    checked for real (an empty query), and the pool replaces it if that fails."""
+    readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(connection)
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit key for a PostgreSQL advisory lock (Python's hash() differs per process)."""
+    return int.from_bytes(hashlib.blake2b(f"kontextd:{name}".encode(), digest_size=8).digest(), signed=True)
+
+
+_MIGRATION_LOCK = _lock_key("schema-migration")
+
+
+def _conninfo(dsn: str) -> str:
+    """The DSN with our connection defaults added: its own settings win, and its `options` are kept (ours
+    go first, so a setting in the DSN's options overrides ours)."""
+    params: dict[str, Any] = conninfo_to_dict(dsn)
+    defaults = {
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "application_name": "kontextd",
+        # A connection to a server that vanished (no RST: a partition, a dead host) is found out in about
+        # 25 s instead of hanging until the OS gives up.
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+    }
+    for key, value in defaults.items():
+        params.setdefault(key, value)
+    settings = {
+        "statement_timeout": int(STATEMENT_TIMEOUT_SECONDS * 1000),
+        "lock_timeout": int(LOCK_TIMEOUT_SECONDS * 1000),
+        "idle_in_transaction_session_timeout": int(IDLE_IN_TRANSACTION_SECONDS * 1000),
+        "synchronous_commit": "on",  # a request answered 200 survives the database crashing
+    }
+    ours = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    params["options"] = f"{ours} {params.get('options', '')}".strip()
+    return make_conninfo("", **params)
+
+
+class _Transaction:
+    """One connection inside one write transaction, with the notifications to send with its commit: each
+    job and lane once, in one statement just before COMMIT (PostgreSQL delivers them only on commit, and
+    only if it commits)."""
+
+    def __init__(self, connection: psycopg.Connection[dict[str, Any]]) -> None:
+        self.connection = connection
+        self._notes: dict[tuple[str, str], None] = {}  # (channel, payload), in order, each once
+
+    def execute(self, query: str | sql.Composed, params: Any = None) -> psycopg.Cursor[dict[str, Any]]:
+        return self.connection.execute(query, params)  # type: ignore[arg-type]
+
+    def changed(self, request_id: str) -> None:
+        self._notes[(JOB_CHANNEL, request_id)] = None
+
+    def queued_in(self, lane: str) -> None:
+        self._notes[(LANE_CHANNEL, lane)] = None
+
+    def send_notifications(self) -> None:
+        if self._notes:
+            channels, payloads = zip(*self._notes, strict=True)
+            self.execute(
+                "SELECT count(pg_notify(note.channel, note.payload))"
+                " FROM unnest(%s::text[], %s::text[]) AS note(channel, payload)",
+                (list(channels), list(payloads)),
+            )
+            self._notes.clear()
+
+
+class PostgresJobStore:
+    shared = True
+
+    def __init__(self, dsn: str, pool_size: int = POOL_SIZE) -> None:
+        self._conninfo = _conninfo(dsn)
+        self._password = str(conninfo_to_dict(dsn).get("password") or "")
+        self._unreachable_at = -math.inf  # monotonic time the database was last found out of reach
+        self._listeners: list[Callable[[], None]] = []
+        self._listeners_lock = threading.Lock()
+        # The schema first, on a connection of its own: a node that cannot reach the database or must not
+        # use it fails here, at start-up, with the real reason.
+        try:
+            with psycopg.connect(self._conninfo) as connection:
+                _migrate(connection)
+        except psycopg.OperationalError as error:
+            raise self._unavailable(error) from error
+        # Reads run outside transactions (autocommit: one round trip, each statement sees the latest
+        # commit); writes open one explicitly. Every connection is checked as it is lent, so that one the
+        # database dropped (a restart) is replaced before a call fails on it.
+        self._pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
+            self._conninfo,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            check=_check_connection,
+            timeout=WAIT_SECONDS,
+            # The pool retries a lost connection with exponential backoff; a short give-up keeps the wait
+            # between PostgreSQL coming back and the pool noticing short (a fresh try starts on demand).
+            reconnect_timeout=RECONNECT_SECONDS,
+            name="kontextd-jobs",
+        )
+        try:
+            self._pool.open(wait=True, timeout=WAIT_SECONDS)
+        except psycopg.OperationalError as error:
+            self._pool.close()
+            raise self._unavailable(error) from error
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _unavailable(self, error: psycopg.Error) -> StoreUnavailable:
+        """A short reason for a failure of the database: its first line, never the DSN's password. Also
+        notes when the database was last out of reach (see recover_abandoned)."""
+        self._unreachable_at = time.monotonic()
+        if isinstance(error, PoolTimeout):
+            reason = f"no database connection within {WAIT_SECONDS:g} s (is PostgreSQL down?)"
+        elif isinstance(error, PoolClosed):
+            reason = "the store is closed"
+        else:
+            lines = str(error).strip().splitlines()
+            reason = f"the database is unavailable: {lines[0] if lines else type(error).__name__}"
+        if self._password:
+            reason = reason.replace(self._password, "***")
+        return StoreUnavailable(reason[:300])
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        """A pooled connection, in autocommit, for one call. A failure of the database, while waiting for
+        the connection or using it, raises StoreUnavailable; the pool drops a connection that broke."""
+        try:
+            with self._pool.connection() as connection:
+                yield connection
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as error:
+            # ReadOnlySqlTransaction: we reached a standby (a failover in progress).
+            raise self._unavailable(error) from error
+
+    def _read(self) -> contextlib.AbstractContextManager[psycopg.Connection[dict[str, Any]]]:
+        """A connection for reads outside any transaction: each statement sees the latest commit."""
+        return self._connection()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[_Transaction]:
+        """One write transaction (READ COMMITTED): all of it commits, with its notifications, or none."""
+        with self._connection() as connection, connection.transaction():
+            transaction = _Transaction(connection)
+            yield transaction
+            transaction.send_notifications()
+
+    def close(self) -> None:
+        with self._listeners_lock:
+            listeners, self._listeners = self._listeners, []
+        for stop in listeners:
+            stop()
+        self._pool.close(timeout=5.0)
+
+    # -- queue arithmetic ------------------------------------------------------------------------
+
+    @staticmethod
+    def _position(transaction: _Transaction, lane: str, priority: int, ticket: int) -> int:
+        row = transaction.execute(
+            _POSITION, {"lane": lane, "priority": priority, "ticket": ticket}
+        ).fetchone()
+        assert row is not None
+        return int(row["ahead"])
+
+    @staticmethod
+    def _enqueue(transaction: _Transaction, request_id: str, lane: str, priority: int) -> int:
+        """Queue an existing job at the tail of (lane, priority) with the level's next ticket."""
+        row = transaction.execute(
+            "WITH allocated AS ("
+            " INSERT INTO kontextd_queue_tickets AS counter (lane, priority, next_ticket) VALUES (%s, %s, 1)"
+            " ON CONFLICT (lane, priority) DO UPDATE SET next_ticket = counter.next_ticket + 1"
+            " RETURNING counter.next_ticket - 1 AS ticket)"
+            " UPDATE kontextd_jobs SET state = 'IN_QUEUE', lane = %s, priority = %s,"
+            " ticket = (SELECT ticket FROM allocated) WHERE request_id = %s RETURNING ticket",
+            (lane, priority, lane, priority, request_id),
+        ).fetchone()
+        assert row is not None
+        transaction.changed(request_id)
+        transaction.queued_in(lane)
+        return int(row["ticket"])
+
+    @staticmethod
+    def _leave_queue(transaction: _Transaction, row: Mapping[str, Any]) -> None:
+        transaction.execute(
+            "INSERT INTO kontextd_queue_holes (lane, priority, ticket) VALUES (%s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (row["lane"], row["priority"], row["ticket"]),
+        )
+
+    @staticmethod
+    def _prune_holes(transaction: _Transaction) -> None:
+        """Forget the holes behind the head of each level: positions only count holes after the head, and
+        a head never moves back (tickets only grow). Rows another node is pruning are skipped, not waited
+        for: pruning is only tidying."""
+        transaction.execute(
+            # A level with nothing queued has its head at its next ticket: all its holes go.
+            "WITH head AS (SELECT counter.lane, counter.priority, coalesce((SELECT min(job.ticket)"
+            "  FROM kontextd_jobs AS job WHERE job.state = 'IN_QUEUE' AND job.lane = counter.lane"
+            "  AND job.priority = counter.priority), counter.next_ticket) AS ticket"
+            " FROM kontextd_queue_tickets AS counter)"
+            " DELETE FROM kontextd_queue_holes WHERE (lane, priority, ticket) IN ("
+            " SELECT hole.lane, hole.priority, hole.ticket FROM kontextd_queue_holes AS hole"
+            " JOIN head USING (lane, priority) WHERE hole.ticket < head.ticket"
+            " FOR UPDATE OF hole SKIP LOCKED)"
+        )
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def submit(self, job: NewJob) -> int:
+        """Insert the job with its level's next ticket, then read its position in a second statement.
+        Not in one: a statement's snapshot is taken when it starts, before the counter row it may have had
+        to wait for (a concurrent submit to the same level, committed meanwhile); the second statement's
+        snapshot sees every job with an earlier ticket."""
+        with self._write() as transaction:
+            row = transaction.execute(
+                "WITH allocated AS ("
+                " INSERT INTO kontextd_queue_tickets AS counter (lane, priority, next_ticket)"
+                " VALUES (%(lane)s, %(priority)s, 1)"
+                " ON CONFLICT (lane, priority) DO UPDATE SET next_ticket = counter.next_ticket + 1"
+                " RETURNING counter.next_ticket - 1 AS ticket)"
+                " INSERT INTO kontextd_jobs (request_id, gateway_request_id, app_id, owner, lane, input_json,"
+                " state, priority, ticket, created_at, start_deadline, no_retry, webhook_url, output_ttl)"
+                " SELECT %(request_id)s, %(gateway_request_id)s, %(app_id)s, %(owner)s, %(lane)s, %(input)s,"
+                " 'IN_QUEUE', %(priority)s, allocated.ticket, %(created_at)s, %(start_deadline)s,"
+                " %(no_retry)s, %(webhook_url)s, %(output_ttl)s FROM allocated RETURNING ticket",
+                {
+                    "request_id": job.request_id,
+                    "gateway_request_id": job.gateway_request_id,
+                    "app_id": job.app_id,
+                    "owner": job.owner,
+                    "lane": job.lane,
+                    "input": json.dumps(job.input),
+                    "priority": int(job.priority),
+                    "created_at": time.time(),
+                    "start_deadline": job.start_deadline,
+                    "no_retry": job.no_retry,
+                    "webhook_url": job.webhook_url,
+                    "output_ttl": job.output_ttl_seconds,
+                },
+            ).fetchone()
+            assert row is not None
+            transaction.changed(job.request_id)
+            transaction.queued_in(job.lane)
+            return self._position(transaction, job.lane, int(job.priority), int(row["ticket"]))
+
+    def get(self, request_id: str, owner: str | None = None) -> Job | None:
+        with self._read() as connection:
+            row = connection.execute(
+                "SELECT * FROM kontextd_jobs WHERE request_id = %s", (request_id,)
+            ).fetchone()
+        if row is None or (owner is not None and row["owner"] != owner):
+            return None
+        return rows.job(row)
+
+    def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
+        with self._read() as connection:
+            row = connection.execute(
+                "SELECT request_id, app_id, owner, state, outcome_json, output_expired FROM kontextd_jobs"
+                " WHERE request_id = %s",
+                (request_id,),
+            ).fetchone()
+        if row is None or (owner is not None and row["owner"] != owner):
+            return None
+        return rows.summary(row)
+
+    def queue_position(self, request_id: str) -> int | None:
+        """The job and its position read in one REPEATABLE READ, READ ONLY snapshot (no locks taken, none
+        waited for), sent as one pipeline: a single round trip."""
+        with self._connection() as connection:
+            with connection.pipeline():
+                connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                cursor = connection.execute(_QUEUE_POSITION, {"request_id": request_id})
+                connection.execute("COMMIT")
+            row = cursor.fetchone()
+        return None if row is None or row["ahead"] is None else int(row["ahead"])
+
+    def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
+        with self._write() as transaction:
+            while True:
+                # The head of the lane that nobody else holds: a concurrent claimer skips past the row we
+                # lock here instead of waiting for our commit.
+                row = transaction.execute(
+                    f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE state = 'IN_QUEUE' AND lane = %s"
+                    " ORDER BY priority, ticket LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    (lane,),
+                ).fetchone()
+                if row is None:
+                    return None
+                self._leave_queue(transaction, row)
+                if row["start_deadline"] is not None and row["start_deadline"] < now:
+                    self._finish(transaction, row, outcomes.timed_out(), now)
+                    continue
+                claimed = transaction.execute(
+                    "UPDATE kontextd_jobs SET state = 'IN_PROGRESS', worker_id = %s, lease_expires_at = %s,"
+                    " started_at = %s, attempts = attempts + 1 WHERE request_id = %s RETURNING *",
+                    (worker_id, now + lease_seconds, now, row["request_id"]),
+                ).fetchone()
+                assert claimed is not None
+                transaction.changed(row["request_id"])
+                return rows.job(claimed)
+
+    def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
+        # One statement, atomic by itself (autocommit). Not announced: a heartbeat changes nothing a
+        # waiter looks at.
+        with self._connection() as connection:
+            cursor = connection.execute(
+                "UPDATE kontextd_jobs SET lease_expires_at = %s WHERE request_id = %s AND worker_id = %s"
+                " AND state = 'IN_PROGRESS'",
+                (now + lease_seconds, request_id, worker_id),
+            )
+            return cursor.rowcount == 1
+
+    def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
+        with self._write() as transaction:
+            row = self._locked(transaction, request_id)
+            if row is None or row["state"] == State.COMPLETED:
+                return False
+            if worker_id is not None and (row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id):
+                return False
+            if row["state"] == State.IN_QUEUE:
+                self._leave_queue(transaction, row)
+            self._finish(transaction, row, outcome, now)
+            return True
+
+    @staticmethod
+    def _locked(transaction: _Transaction, request_id: str) -> dict[str, Any] | None:
+        """The job's control columns, its row locked to the commit (waiting, up to the lock timeout, for a
+        node that holds it): what we decide on cannot change under us."""
+        return transaction.execute(
+            f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE request_id = %s FOR UPDATE", (request_id,)
+        ).fetchone()
+
+    def _finish(
+        self, transaction: _Transaction, row: Mapping[str, Any], outcome: Outcome, now: float
+    ) -> None:
+        """End a job (its row locked by us) and queue its webhook in the same transaction."""
+        expires_at = now + row["output_ttl"] if row["output_ttl"] is not None else None
+        transaction.execute(
+            "UPDATE kontextd_jobs SET state = 'COMPLETED', completed_at = %s, outcome_json = %s,"
+            " result_json = %s, expires_at = %s, worker_id = NULL, lease_expires_at = NULL"
+            " WHERE request_id = %s",
+            (
+                now,
+                json.dumps(rows.outcome_fields(outcome)),
+                json.dumps(outcome.body),
+                expires_at,
+                row["request_id"],
+            ),
+        )
+        if row["webhook_url"]:
+            transaction.execute(
+                "INSERT INTO kontextd_webhook_deliveries (request_id, url, user_id, body, next_attempt_at)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (
+                    row["request_id"],
+                    row["webhook_url"],
+                    row["owner"],
+                    outcomes.webhook_body(row["request_id"], row["gateway_request_id"], outcome),
+                    now,
+                ),
+            )
+        transaction.changed(row["request_id"])
+
+    def cancel(self, request_id: str, owner: str, now: float) -> CancelResult:
+        with self._write() as transaction:
+            row = self._locked(transaction, request_id)
+            if row is None or row["owner"] != owner:
+                return CancelResult.NOT_FOUND
+            if row["state"] == State.COMPLETED:
+                return CancelResult.ALREADY_COMPLETED
+            if row["state"] == State.IN_QUEUE:
+                self._leave_queue(transaction, row)
+                self._finish(transaction, row, outcomes.cancelled(), now)
+                return CancelResult.CANCELLED
+            transaction.execute(
+                "UPDATE kontextd_jobs SET cancel_requested = true WHERE request_id = %s", (request_id,)
+            )
+            transaction.changed(request_id)
+            return CancelResult.REQUESTED
+
+    def cancel_requested(self, request_id: str) -> bool:
+        with self._read() as connection:
+            row = connection.execute(
+                "SELECT cancel_requested FROM kontextd_jobs WHERE request_id = %s", (request_id,)
+            ).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    # -- logs ------------------------------------------------------------------------------------
+
+    def append_log(self, request_id: str, message: str, level: str, now: float) -> None:
+        with self._write() as transaction:
+            transaction.execute(
+                "INSERT INTO kontextd_job_logs (request_id, timestamp, level, message)"
+                " VALUES (%s, %s, %s, %s)",
+                # PostgreSQL text cannot hold NUL characters (SQLite's can): keep the line, mark the spot.
+                (request_id, now, level, message.replace("\x00", "\ufffd")),
+            )
+            transaction.changed(request_id)
+
+    def logs(self, request_id: str) -> list[LogLine]:
+        with self._read() as connection:
+            found = connection.execute(
+                "SELECT message, level, timestamp FROM kontextd_job_logs WHERE request_id = %s ORDER BY seq",
+                (request_id,),
+            ).fetchall()
+        return [LogLine(row["message"], row["level"], row["timestamp"]) for row in found]
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def expire_unstarted(self, now: float) -> int:
+        with self._write() as transaction:
+            # A row another node holds is being claimed or ended by it: skipped, not waited for.
+            found = transaction.execute(
+                f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE state = 'IN_QUEUE'"
+                " AND start_deadline IS NOT NULL AND start_deadline < %s ORDER BY seq FOR UPDATE SKIP LOCKED",
+                (now,),
+            ).fetchall()
+            for row in found:
+                self._leave_queue(transaction, row)
+                self._finish(transaction, row, outcomes.timed_out(), now)
+            self._prune_holes(transaction)
+            return len(found)
+
+    def recover_abandoned(self, now: float, settle_seconds: float = 0.0) -> int:
+        # An outage stops every heartbeat at once: leases that lapsed during it belong to live workers,
+        # which renew them within a third of a lease once the database is back. Wait that long first.
+        if time.monotonic() - self._unreachable_at < settle_seconds:
+            return 0
+        with self._write() as transaction:
+            # Several nodes may sweep at once: each lapsed lease is recovered by exactly one of them.
+            found = transaction.execute(
+                f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE state = 'IN_PROGRESS'"
+                " AND lease_expires_at < %s ORDER BY started_at, seq FOR UPDATE SKIP LOCKED",
+                (now,),
+            ).fetchall()
+            for row in found:
+                self._requeue_or_end(transaction, row, now, lifecycle.LEASE_LAPSED)
+            return len(found)
+
+    def recover_after_restart(self, now: float) -> int:
+        """Nothing to do, ever: a running job in a shared store may be a live node's. A dead node's jobs
+        are re-queued by recover_abandoned once their leases lapse."""
+        return 0
+
+    def release(self, request_id: str, worker_id: str, reason: Release, now: float) -> State | None:
+        with self._write() as transaction:
+            row = self._locked(transaction, request_id)
+            if row is None or row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id:
+                return None
+            return self._requeue_or_end(transaction, row, now, lifecycle.RELEASES[reason])
+
+    def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
+        """Move queued jobs whose app is now routed to another backend into that backend's lane, keeping
+        their priority and order. A job another node holds is leaving the queue: skipped."""
+        moved = 0
+        with self._write() as transaction:
+            for app_id, lane in lanes.items():
+                found = transaction.execute(
+                    f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE state = 'IN_QUEUE' AND app_id = %s"
+                    " AND lane <> %s ORDER BY priority, ticket FOR UPDATE SKIP LOCKED",
+                    (app_id, lane),
+                ).fetchall()
+                for row in found:
+                    self._leave_queue(transaction, row)
+                    self._enqueue(transaction, row["request_id"], lane, row["priority"])
+                moved += len(found)
+            self._prune_holes(transaction)
+        return moved
+
+    def _requeue_or_end(
+        self, transaction: _Transaction, row: Mapping[str, Any], now: float, why: lifecycle.Requeue
+    ) -> State:
+        """Put a running job (its row locked by us) back at the head of its lane, or end it when it must
+        not run again."""
+        count = row[why.counter] + 1 if why.counter else 0
+        if why.counter:
+            transaction.execute(
+                sql.SQL("UPDATE kontextd_jobs SET {} = %s WHERE request_id = %s").format(
+                    sql.Identifier(why.counter)
+                ),
+                (count, row["request_id"]),
+            )
+        ending = why.ending(count, bool(row["cancel_requested"]), bool(row["no_retry"]))
+        if ending is not None:
+            self._finish(transaction, row, ending, now)
+            return State.COMPLETED
+        transaction.execute(
+            # It did start in time once: the start deadline no longer applies to the re-run.
+            "UPDATE kontextd_jobs SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL,"
+            " start_deadline = NULL WHERE request_id = %s",
+            (row["request_id"],),
+        )
+        self._enqueue(transaction, row["request_id"], row["lane"], Priority.RETRY)
+        transaction.execute(
+            "INSERT INTO kontextd_job_logs (request_id, timestamp, level, message)"
+            " VALUES (%s, %s, 'WARN', %s)",
+            (row["request_id"], now, why.requeued),
+        )
+        return State.IN_QUEUE
+
+    def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
+        with self._read() as connection:
+            found = connection.execute(
+                "SELECT request_id, outcome_json FROM kontextd_jobs WHERE NOT output_expired"
+                " AND expires_at IS NOT NULL AND expires_at < %s LIMIT %s",
+                (now, limit),
+            ).fetchall()
+        return [(row["request_id"], rows.output_keys(row["outcome_json"])) for row in found]
+
+    def mark_output_expired(self, request_id: str) -> None:
+        """Leave a tombstone: state and how it ended (status still answers, the result says 410); the
+        input and result bodies and the logs go."""
+        with self._write() as transaction:
+            transaction.execute(
+                "UPDATE kontextd_jobs SET output_expired = true, result_json = '{}', input_json = '{}'"
+                " WHERE request_id = %s",
+                (request_id,),
+            )
+            transaction.execute("DELETE FROM kontextd_job_logs WHERE request_id = %s", (request_id,))
+            transaction.changed(request_id)
+
+    def prune_records(self, expired_before: float, limit: int) -> int:
+        with self._write() as transaction:
+            # A delivery still to be tried keeps its request's record until it is delivered or given up.
+            found = transaction.execute(
+                "SELECT request_id FROM kontextd_jobs AS job WHERE output_expired AND expires_at < %s"
+                " AND NOT EXISTS (SELECT 1 FROM kontextd_webhook_deliveries AS hook"
+                " WHERE hook.request_id = job.request_id AND hook.state NOT IN ('delivered', 'failed'))"
+                " LIMIT %s FOR UPDATE SKIP LOCKED",
+                (expired_before, limit),
+            ).fetchall()
+            names = [row["request_id"] for row in found]
+            for table in ("kontextd_job_logs", "kontextd_webhook_deliveries", "kontextd_jobs"):
+                transaction.execute(
+                    sql.SQL("DELETE FROM {} WHERE request_id = ANY(%s::text[])").format(
+                        sql.Identifier(table)
+                    ),
+                    (names,),
+                )
+            return len(names)
+
+    # -- webhooks --------------------------------------------------------------------------------
+
+    def due_webhooks(self, now: float, limit: int, after: DueWebhook | None = None) -> list[DueWebhook]:
+        query = (
+            "SELECT delivery_id, request_id, url, next_attempt_at FROM kontextd_webhook_deliveries"
+            " WHERE state IN ('pending', 'sending') AND next_attempt_at <= %s"
+        )
+        params: list[Any] = [now]
+        if after is not None:
+            query += " AND (next_attempt_at, delivery_id) > (%s, %s)"
+            params += [after.due_at, after.delivery_id]
+        with self._read() as connection:
+            found = connection.execute(
+                query + " ORDER BY next_attempt_at, delivery_id LIMIT %s", (*params, limit)
+            ).fetchall()
+        return [
+            DueWebhook(row["delivery_id"], row["request_id"], row["url"], row["next_attempt_at"])
+            for row in found
+        ]
+
+    def start_webhook(self, delivery_id: int, now: float, deadline: float) -> WebhookDelivery | None:
+        # One conditional UPDATE: of nodes racing for the same try, the first takes the row lock and moves
+        # the deadline on; the others re-check the condition on its new version and find it no longer due.
+        with self._connection() as connection:
+            row = connection.execute(
+                "UPDATE kontextd_webhook_deliveries SET state = 'sending', next_attempt_at = %s"
+                " WHERE delivery_id = %s AND state IN ('pending', 'sending') AND next_attempt_at <= %s"
+                " RETURNING *",
+                (deadline, delivery_id, now),
+            ).fetchone()
+        return None if row is None else rows.delivery(row)
+
+    def webhook_attempted(
+        self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
+    ) -> None:
+        state = "delivered" if delivered else ("pending" if next_attempt_at is not None else "failed")
+        with self._connection() as connection:
+            # A delivery that already ended stays as it ended: a late report must not count a try twice.
+            connection.execute(
+                "UPDATE kontextd_webhook_deliveries SET attempts = attempts + 1, state = %s,"
+                " next_attempt_at = %s, last_error = %s WHERE delivery_id = %s"
+                " AND state IN ('pending', 'sending')",
+                (state, next_attempt_at, error.replace("\x00", "\ufffd") or None, delivery_id),
+            )
+
+    def release_webhooks(self, now: float, delivery_ids: Collection[int] | None = None) -> int:
+        """Make the named in-flight deliveries due at `now` (this node's shutdown cut them short).
+
+        Without ids this releases nothing and returns 0: in a shared store a delivery in flight may be a
+        live node's, mid-send, and releasing it would have it sent twice at once. One whose sender died is
+        due again anyway once its send deadline lapses (due_webhooks lists those)."""
+        if delivery_ids is None:
+            return 0
+        with self._connection() as connection:
+            return connection.execute(
+                "UPDATE kontextd_webhook_deliveries SET state = 'pending', next_attempt_at = %s"
+                " WHERE state = 'sending' AND delivery_id = ANY(%s::bigint[])",
+                (now, list(delivery_ids)),
+            ).rowcount
+
+    def webhook_deliveries(self, request_id: str) -> list[WebhookDelivery]:
+        with self._read() as connection:
+            found = connection.execute(
+                "SELECT * FROM kontextd_webhook_deliveries WHERE request_id = %s ORDER BY delivery_id",
+                (request_id,),
+            ).fetchall()
+        return [rows.delivery(row) for row in found]
+
+    # -- coordination between the processes sharing the store -----------------------------------
+
+    def listen(self, on_job: Callable[[str], None], on_lane: Callable[[str], None]) -> Callable[[], None]:
+        """Relay the store's notifications to `on_job` / `on_lane` from a daemon thread with a connection
+        of its own (a LISTEN outlives any one call, so it cannot be a pooled one). A dropped connection is
+        reopened with a bounded backoff; what was announced meanwhile is lost (waiters re-read on a
+        timeout anyway). Returns once the first LISTEN is in place or the first try failed, so changes
+        made after it are seen; the function returned stops the thread within about a second."""
+        stop, ready = threading.Event(), threading.Event()
+        thread = threading.Thread(
+            target=self._relay, args=(on_job, on_lane, stop, ready), name="kontextd-store-listen", daemon=True
+        )
+        thread.start()
+        ready.wait(CONNECT_TIMEOUT_SECONDS + 1)
+
+        def stop_listening() -> None:
+            stop.set()
+            if thread is not threading.current_thread():  # a callback may stop its own listener
+                thread.join(LISTEN_POLL_SECONDS + 1)
+
+        with self._listeners_lock:
+            self._listeners.append(stop_listening)
+        return stop_listening
+
+    def _relay(
+        self,
+        on_job: Callable[[str], None],
+        on_lane: Callable[[str], None],
+        stop: threading.Event,
+        ready: threading.Event,
+    ) -> None:
+        callbacks = {JOB_CHANNEL: on_job, LANE_CHANNEL: on_lane}
+        first_wait, longest_wait = LISTEN_RETRY_SECONDS
+        wait = first_wait
+        conninfo = make_conninfo(self._conninfo, application_name="kontextd-listen")
+        while not stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {JOB_CHANNEL}")
+                    connection.execute(f"LISTEN {LANE_CHANNEL}")
+                    ready.set()
+                    wait = first_wait
+                    while not stop.is_set():
+                        # Returns after the poll interval at the latest, to look at `stop`.
+                        for note in connection.notifies(timeout=LISTEN_POLL_SECONDS):
+                            callback = callbacks.get(note.channel)
+                            if callback is not None:
+                                try:
+                                    callback(note.payload)
+                                except Exception:
+                                    logger.exception("a job store listener callback failed")
+                            if stop.is_set():
+                                break
+            except psycopg.Error as error:
+                if not stop.is_set():
+                    logger.warning(
+                        "job store listener: %s; reconnecting in %.1f s", self._unavailable(error), wait
+                    )
+            ready.set()
+            if stop.wait(wait):
+                break
+            wait = min(wait * 2, longest_wait)
+
+    def secret(self, name: str, make: Callable[[], bytes]) -> bytes:
+        """The first process to store `name` wins; a racing one's INSERT waits for the winner's commit,
+        does nothing, and reads the winner's bytes."""
+        with self._connection() as connection:
+            found = connection.execute(
+                "SELECT value FROM kontextd_secrets WHERE name = %s", (name,)
+            ).fetchone()
+            if found is None:
+                connection.execute(
+                    "INSERT INTO kontextd_secrets (name, value) VALUES (%s, %s)"
+                    " ON CONFLICT (name) DO NOTHING",
+                    (name, make()),
+                )
+                found = connection.execute(
+                    "SELECT value FROM kontextd_secrets WHERE name = %s", (name,)
+                ).fetchone()
+        assert found is not None
+        return bytes(found["value"])
+
+    @contextlib.contextmanager
+    def turn(self, task: str) -> Iterator[bool]:
+        """A session advisory lock on a pooled connection held for the block (autocommit: no transaction
+        stays open meanwhile). If the connection dies, PostgreSQL drops the lock with the session; if the
+        unlock fails, the connection is closed so that the pool never lends out a session holding it."""
+        key = _lock_key(f"turn:{task}")
+        with self._connection() as connection:
+            row = connection.execute("SELECT pg_try_advisory_lock(%s) AS held", (key,)).fetchone()
+            held = bool(row and row["held"])
+            try:
+                yield held
+            finally:
+                if held:
+                    released = False
+                    with contextlib.suppress(psycopg.Error):
+                        unlocked = connection.execute(
+                            "SELECT pg_advisory_unlock(%s) AS released", (key,)
+                        ).fetchone()
+                        released = bool(unlocked and unlocked["released"])
+                    if not released:
+                        connection.close()
+
+
+def _migrate(connection: psycopg.Connection[Any]) -> None:
+    """Bring the schema to SCHEMA_VERSION in one transaction, under an advisory lock so that nodes starting
+    together take turns (the second finds the work done). A database migrated by a newer kontextd is left
+    alone: this node refuses to start (SchemaTooNew). A step may take long (an index on a big table), so
+    the statement timeout is lifted; the lock timeout stays, so that a step never queues every other node's
+    queries behind a lock it cannot get (the node fails to start instead, and is started again)."""
+    with connection.transaction():
+        connection.execute("SET LOCAL statement_timeout = 0")
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS kontextd_schema_version ("
+            " singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), version integer NOT NULL)"
+        )
+        row = connection.execute("SELECT version FROM kontextd_schema_version").fetchone()
+        found = row[0] if row is not None else 0
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the database's kontextd schema is version {found}, newer than this node's version"
+                f" {SCHEMA_VERSION}: upgrade kontextd on this node (a newer release migrated the database)"
+            )
+        for step in MIGRATIONS[found:]:
+            connection.execute(step)  # type: ignore[arg-type] - our own constant SQL
+        if found < SCHEMA_VERSION:
+            connection.execute(
+                "INSERT INTO kontextd_schema_version (version) VALUES (%s)"
+                " ON CONFLICT (singleton) DO UPDATE SET version = excluded.version",
+                (SCHEMA_VERSION,),
+            )
+            logger.info("job store schema migrated from version %d to %d", found, SCHEMA_VERSION)
