@@ -193,7 +193,7 @@ def test_out_of_memory_fails_that_request_only(store: SQLiteJobStore, tmp_path: 
         worker_id="w",
         store=store,
         backend=backend,
-        storage=LocalStorage(tmp_path / "files", "http://127.0.0.1"),
+        storage=LocalStorage(tmp_path / "files"),
         load_image=lambda url: pytest.fail("no image expected"),
         notify=lambda request_id: None,
     )

@@ -68,7 +68,7 @@ def test_anything_else_is_not_a_key(key: str) -> None:
 
 @pytest.fixture
 def storage(tmp_path: Path) -> LocalStorage:
-    storage = LocalStorage(tmp_path / "files", "http://127.0.0.1:1")
+    storage = LocalStorage(tmp_path / "files")
     storage.put(f"{REQUEST_ID}/0.png", png_bytes(4, 4), "image/png")
     return storage
 

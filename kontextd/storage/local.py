@@ -4,22 +4,25 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from kontextd.atomic import write_atomic
 from kontextd.storage import keys
-from kontextd.storage.base import StoredFile
+from kontextd.storage.base import StorageUnavailable, StoredFile
 
 # Refuse to follow a symlink at either level of `<request id>/<name>`: a link planted in the root (by
 # anyone who can write there) must not lead outside it, and checking a resolved path first and opening it
 # afterwards would leave a window to swap the link in. (os.open makes descriptors non-inheritable itself.)
 _NO_FOLLOW = os.O_NOFOLLOW
 
+# A write refused for want of space (or of quota): the disk may free up, so the request runs again later.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 class LocalStorage:
-    def __init__(self, root: Path, public_base_url: str) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self._base_url = public_base_url.rstrip("/")
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
@@ -27,10 +30,19 @@ class LocalStorage:
             raise ValueError(f"invalid storage key {key!r}")
         return self.root.joinpath(*key.split("/"))
 
-    def put(self, key: str, data: bytes, content_type: str) -> str:
-        # Synced and renamed: once the request is recorded as done, its image is whole on disk.
-        write_atomic(self._path(key), data, mode=0o644)
-        return f"{self._base_url}/files/{key}"
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+        try:
+            # Synced and renamed: once the request is recorded as done, its image is whole on disk.
+            write_atomic(path, data, mode=0o644)
+        except OSError as error:
+            if error.errno not in _FULL:
+                raise
+            # write_atomic removed its temporary file; a request folder made for it alone goes too.
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+            name = errno.errorcode[error.errno]
+            raise StorageUnavailable(f"disk full: {name} storing {key} ({error.strerror})") from error
 
     def open(self, key: str) -> StoredFile | None:
         if not keys.is_valid(key):
@@ -49,14 +61,25 @@ class LocalStorage:
             return None
         return StoredFile(os.fdopen(fd, "rb"), info.st_size, keys.content_type(key))
 
-    def delete(self, key: str) -> None:
-        if not keys.is_valid(key):
-            return
-        path = self._path(key)
-        path.unlink(missing_ok=True)
-        # Drop the request's folder once its last file is gone (another file may still be in it).
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()
+    def delete(self, keys: Iterable[str]) -> None:
+        folders: set[Path] = set()
+        for key in keys:
+            try:
+                path = self._path(key)
+            except ValueError:  # not a key: nothing of ours is named by it
+                continue
+            path.unlink(missing_ok=True)
+            folders.add(path.parent)
+        # Drop each request's folder once its last file is gone (another file may still be in it).
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def presigned_url(self, key: str, expires_in: float) -> str | None:
+        return None  # files here are served by kontextd itself, under /files/
+
+    def close(self) -> None:
+        pass
 
 
 def _open_in_root(root: Path, folder: str, name: str) -> int:
