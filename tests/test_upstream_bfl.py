@@ -30,7 +30,7 @@ from kontextd.backends.base import (
     ImageInput,
 )
 from kontextd.backends.upstream import upstream_can_fetch
-from kontextd.backends.upstream.bfl import BflBackend, Timing
+from kontextd.backends.upstream.bfl import BflBackend, Timing, bfl_input
 from kontextd.backends.upstream.common import image_reference
 from kontextd.routing import Secret, UpstreamConfig
 
@@ -232,11 +232,7 @@ def test_a_public_url_is_passed_through_and_private_ones_are_not() -> None:
         assert not upstream_can_fetch(private, OWN)
     assert not upstream_can_fetch("data:image/png;base64,AAAA", OWN)
 
-    backend = BflBackend(config(FakeBfl(KEY)), OWN, timing=FAST)  # only its request mapping is used
-    try:
-        body = backend._body(job(image=ImageInput(public, never)), RecordingProgress())
-    finally:
-        backend.close()
+    body = bfl_input(job(image=ImageInput(public, never)), OWN, RecordingProgress())
     assert body["input_image"] == public
 
 

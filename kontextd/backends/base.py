@@ -49,14 +49,20 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class GenerationJob:
+    """One request as every backend (and the worker storing its images) sees it, whatever endpoint it came
+    through: built once from the validated input by `kontextd.catalogue.endpoints.generation_job`."""
+
     prompt: str
     image: ImageInput | None  # the image to edit; None for text-to-image
-    aspect_ratio: str | None  # as asked; None: follow the input image
+    aspect_ratio: (
+        str | None
+    )  # as asked; None: follow the input image (edits) — text-to-image always names one
     num_images: int
-    seed: int
+    seed: int  # as asked, or drawn at random when the request named none (reported in the output)
     guidance_scale: float
     num_inference_steps: int
     output_format: str  # "jpeg" or "png"
+    sync_mode: bool = False  # the output as data URIs rather than stored files
     safety_tolerance: int | None = None  # 1 (strict) .. 6; None where the endpoint has no such field
     enhance_prompt: bool = False
     acceleration: str = "none"

@@ -1,10 +1,15 @@
 """The endpoint catalogue: the app ids, what each accepts, and how a request becomes generation work."""
 
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from PIL import Image
 from pydantic import BaseModel
 
+from kontextd.backends.base import GenerationJob, ImageInput
 from kontextd.catalogue.schemas import (
+    SEED_MAX,
     DevEditInput,
     MaxEditInput,
     ProEditInput,
@@ -64,35 +69,27 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 BY_APP_ID: dict[str, Endpoint] = {endpoint.app_id: endpoint for endpoint in ENDPOINTS}
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """What a backend needs from any Kontext request, whatever endpoint it came through."""
+def generation_job(
+    request: BaseModel, load_image: Callable[[str], Image.Image], model: str | None = None
+) -> GenerationJob:
+    """The one shape of a request from here to the backend, built from an endpoint's validated input.
 
-    prompt: str
-    image_url: str | None
-    aspect_ratio: str | None  # None: follow the input image (edits) — text-to-image always names one
-    num_images: int
-    seed: int | None
-    guidance_scale: float
-    num_inference_steps: int
-    output_format: str
-    sync_mode: bool
-    safety_tolerance: int | None  # None where the endpoint has no such field
-    enhance_prompt: bool
-    acceleration: str
-
-
-def generation_params(request: BaseModel) -> GenerationParams:
+    The endpoint's own spellings become common ones ([dev]'s fixed `resolution_mode` is an aspect ratio,
+    fal's string `safety_tolerance` a number), the image is decoded only if a backend asks (`load_image`),
+    and a request naming no seed gets a random one, so the output can report the seed that was used.
+    `model` is the routed model, for backends serving several.
+    """
     fields = request.model_dump()
     aspect_ratio = fields.get("aspect_ratio")
     if "resolution_mode" in fields and fields["resolution_mode"] not in ("auto", "match_input"):
         aspect_ratio = fields["resolution_mode"]
-    return GenerationParams(
+    image_url, seed = fields.get("image_url"), fields["seed"]
+    return GenerationJob(
         prompt=fields["prompt"],
-        image_url=fields.get("image_url"),
+        image=ImageInput(image_url, load_image) if image_url is not None else None,
         aspect_ratio=aspect_ratio,
         num_images=fields["num_images"],
-        seed=fields["seed"],
+        seed=seed if seed is not None else secrets.randbelow(SEED_MAX + 1),
         guidance_scale=fields["guidance_scale"],
         num_inference_steps=fields.get("num_inference_steps", DEFAULT_STEPS),
         output_format=fields["output_format"],
@@ -100,4 +97,5 @@ def generation_params(request: BaseModel) -> GenerationParams:
         safety_tolerance=int(fields["safety_tolerance"]) if "safety_tolerance" in fields else None,
         enhance_prompt=fields.get("enhance_prompt", False),
         acceleration=fields.get("acceleration", "none"),
+        model=model,
     )

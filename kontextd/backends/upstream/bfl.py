@@ -11,7 +11,6 @@ The key travels only in the `x-key` header to BFL's API hosts (never to sample U
 
 import concurrent.futures
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -32,11 +31,12 @@ from kontextd.backends.base import (
 from kontextd.backends.upstream.common import (
     WAIT_SLICE,
     ConcurrencyLimits,
+    RetryingClient,
+    RetryPolicy,
     backoff,
     base64_png,
     download_output,
     image_reference,
-    retry_after,
     sleep_unless_cancelled,
     time_left,
 )
@@ -102,19 +102,25 @@ class BflBackend:
         self._own_base_url = own_base_url
         self._limits = ConcurrencyLimits(config.max_active, config.max_active_per_model)
         connections = max(32, 2 * config.max_active)  # a poll and a download per task at most
-        self._client = httpx.Client(
+        client = httpx.Client(
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=config.max_active),
             headers={"User-Agent": f"kontextd/{__version__}"},
             follow_redirects=False,  # a redirect must never carry x-key to another host
         )
+        timing = self.timing
+        # A Retry-After is honoured in full (the task's deadline bounds it), jittered so tasks spread out.
+        policy = RetryPolicy(
+            timing.retries, timing.retry_base, timing.retry_cap, retry_after_jitter=timing.retry_base
+        )
+        self._http = RetryingClient(client, policy, config.request_timeout)
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def generate(self, job: GenerationJob, progress: Progress) -> Generated:
         started = time.perf_counter()
         model = job.model or DEFAULT_MODEL
-        body = self._body(job, progress)
+        body = bfl_input(job, self._own_base_url, progress)
         abandon = threading.Event()
         task_progress = _TaskProgress(progress, abandon)
         tasks = [
@@ -124,27 +130,6 @@ class BflBackend:
         results = self._run_all(tasks, progress, abandon)
         images, flags = _with_placeholders(results, job.output_format)
         return Generated(images, flags, time.perf_counter() - started, served_by=model)
-
-    def _body(self, job: GenerationJob, progress: Progress) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "prompt": job.prompt,
-            "output_format": job.output_format,
-            "prompt_upsampling": job.enhance_prompt,
-        }
-        if job.aspect_ratio is not None:  # absent: BFL follows the input image
-            body["aspect_ratio"] = job.aspect_ratio
-        if job.image is not None:
-            url, data = image_reference(job.image, self._own_base_url)
-            if url is not None:
-                body["input_image"] = url
-                progress.log("BFL fetches the input image from its URL")
-            else:
-                assert data is not None
-                body["input_image"] = base64_png(data)
-                progress.log("Sending the input image to BFL inline (base64 PNG)")
-        if job.safety_tolerance is not None:
-            body["safety_tolerance"] = _safety_tolerance(job, progress)
-        return body
 
     def _run_all(
         self, tasks: list["_Task"], progress: Progress, abandon: threading.Event
@@ -175,50 +160,39 @@ class BflBackend:
     def request(self, task: "_Task", method: str, url: str, body: dict[str, Any] | None) -> httpx.Response:
         """One exchange with BFL's API, retried through 429 (until the task's deadline) and, a bounded
         number of times, through 5xx and transport errors. Other answers are returned as they are."""
-        failures = busy = 0
-        while True:
-            if task.progress.cancelled():
-                raise GenerationCancelled
-            try:
-                response = self._client.request(
-                    method, url, json=body, headers={"x-key": self.config.key.value}, timeout=task.timeout()
-                )
-            except httpx.TransportError as error:
-                failures += 1
-                self._retry_or_fail(task, failures, f"{type(error).__name__} from {_host(url)}")
-                continue
-            if response.status_code == 429:
-                busy += 1
-                wait = self._busy_wait(response, busy)
-                task.log(f"too many active tasks at BFL (HTTP 429); retrying in {wait:.1f} s")
-                sleep_unless_cancelled(wait, task.progress, task.deadline)
-                continue
-            if response.status_code >= 500:
-                failures += 1
-                self._retry_or_fail(task, failures, f"HTTP {response.status_code} from {_host(url)}")
-                continue
-            return response
-
-    def _retry_or_fail(self, task: "_Task", failures: int, what: str) -> None:
-        if failures > self.timing.retries:
-            raise GenerationRefused(
-                f"Black Forest Labs: task {task.label} failed {failures} times in a row ({what})",
-                "upstream_error",
-                502,
-            )
-        wait = backoff(failures - 1, self.timing.retry_base, self.timing.retry_cap)
-        task.log(f"{what}; retry {failures}/{self.timing.retries} in {wait:.1f} s")
-        log.warning("bfl retry", extra={"task": task.label, "reason": what, "wait_seconds": round(wait, 2)})
-        sleep_unless_cancelled(wait, task.progress, task.deadline)
-
-    def _busy_wait(self, response: httpx.Response, busy: int) -> float:
-        asked = retry_after(response)
-        if asked is not None:  # honoured, plus jitter so waiting tasks do not all return at once
-            return asked + random.uniform(0, self.timing.retry_base)
-        return backoff(min(busy - 1, 10), self.timing.retry_base, self.timing.retry_cap)
+        headers = {"x-key": self.config.key.value}
+        return self._http.send(
+            method, url, task.progress, task.deadline, _RetryVoice(task, url), json=body, headers=headers
+        )
 
     def download(self, task: "_Task", url: str) -> EncodedImage:
-        return download_output(self._client, url, task.timeout(), task.deadline)
+        return download_output(self._http.http, url, task.timeout(), task.deadline)
+
+
+class _RetryVoice:
+    """BFL's words for the retries of one task's exchange with one host."""
+
+    def __init__(self, task: "_Task", url: str) -> None:
+        self._task = task
+        self._host = _host(url)
+
+    def rate_limited(self, wait: float) -> None:
+        self._task.log(f"too many active tasks at BFL (HTTP 429); retrying in {wait:.1f} s")
+
+    def retrying(self, problem: str, failures: int, wait: float) -> None:
+        what = f"{problem} from {self._host}"
+        self._task.log(f"{what}; retry {failures}/{self._task.backend.timing.retries} in {wait:.1f} s")
+        log.warning(
+            "bfl retry", extra={"task": self._task.label, "reason": what, "wait_seconds": round(wait, 2)}
+        )
+
+    def gave_up(self, problem: str, failures: int) -> GenerationRefused:
+        return GenerationRefused(
+            f"Black Forest Labs: task {self._task.label} failed {failures} times in a row "
+            f"({problem} from {self._host})",
+            "upstream_error",
+            502,
+        )
 
 
 class _Task:
@@ -350,6 +324,30 @@ class _Task:
                 self.log(f"sample download failed ({problem}); retrying in {wait:.1f} s")
                 sleep_unless_cancelled(wait, self.progress, self.deadline)
         raise _download_failed(self.label, f"{problem} after {attempts} attempts")
+
+
+def bfl_input(job: GenerationJob, own_base_url: str, progress: Progress) -> dict[str, Any]:
+    """The body BFL's API takes for `job`, less the seed (each task sends its own): the input image by
+    URL where BFL can fetch it, else inline."""
+    body: dict[str, Any] = {
+        "prompt": job.prompt,
+        "output_format": job.output_format,
+        "prompt_upsampling": job.enhance_prompt,
+    }
+    if job.aspect_ratio is not None:  # absent: BFL follows the input image
+        body["aspect_ratio"] = job.aspect_ratio
+    if job.image is not None:
+        url, data = image_reference(job.image, own_base_url)
+        if url is not None:
+            body["input_image"] = url
+            progress.log("BFL fetches the input image from its URL")
+        else:
+            assert data is not None
+            body["input_image"] = base64_png(data)
+            progress.log("Sending the input image to BFL inline (base64 PNG)")
+    if job.safety_tolerance is not None:
+        body["safety_tolerance"] = _safety_tolerance(job, progress)
+    return body
 
 
 def _safety_tolerance(job: GenerationJob, progress: Progress) -> int:

@@ -8,7 +8,6 @@ never to the output file hosts, and never into a log line or a message.
 """
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -25,12 +24,12 @@ from kontextd.backends.base import (
 )
 from kontextd.backends.upstream.common import (
     ConcurrencyLimits,
-    backoff,
+    RetryingClient,
+    RetryPolicy,
     base64_png,
     download_output,
     image_reference,
-    retry_after,
-    sleep_unless_cancelled,
+    pause,
     time_left,
 )
 from kontextd.catalogue.endpoints import BY_APP_ID
@@ -42,6 +41,7 @@ POLL_FIRST = 0.25  # seconds before the first status poll (fal's own clients pol
 POLL_FACTOR = 1.5
 POLL_MAX = 2.0  # a Kontext image takes seconds: a finished one never waits longer than this for us
 RETRY_BASE = 1.0  # backoff base (seconds) for retries: 5xx, transport errors, 429 without Retry-After
+RETRY_CAP = 30.0  # the longest backoff (seconds)
 RETRY_AFTER_MAX = 60.0  # a longer Retry-After is waited in several goes, each re-checking the deadline
 MAX_RETRIES = 4  # failed exchanges (5xx, transport) in a row before giving up on fal
 CANCEL_TIMEOUT = 5.0  # the best-effort cancel must not hold the worker up
@@ -87,15 +87,17 @@ class FalBackend:
         self._base_url = config.base_url.rstrip("/")
         self._poll_first = poll_first
         self._poll_max = poll_max
-        self._retry_base = retry_base
-        self._max_retries = max_retries
         self._limits = ConcurrencyLimits(config.max_active, config.max_active_per_model)
         # One client for every worker thread of the lane (httpx.Client is thread-safe); no default
         # headers, so the key is never sent to the hosts serving output files.
-        self._client = httpx.Client(timeout=config.request_timeout, follow_redirects=False)
+        self._http = RetryingClient(
+            httpx.Client(timeout=config.request_timeout, follow_redirects=False),
+            RetryPolicy(max_retries, retry_base, RETRY_CAP, retry_after_max=RETRY_AFTER_MAX),
+            config.request_timeout,
+        )
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
     def generate(self, job: GenerationJob, progress: Progress) -> Generated:
         if not job.model:
@@ -104,7 +106,7 @@ class FalBackend:
         deadline = started + self._config.task_timeout
         if progress.cancelled():
             raise GenerationCancelled
-        body = fal_input(job, job.model, self._own_base_url)  # may fetch the input image: before a slot
+        body = fal_input(job, self._own_base_url)  # may fetch the input image: before a slot
         try:
             with self._limits.slot(job.model, _UntilDeadline(progress, deadline)):
                 images, flags = self._run(job.model, body, progress, deadline)
@@ -183,7 +185,7 @@ class FalBackend:
             progress.log(f"fal queue position {position}")
         relayed, interval, started = 0, self._poll_first, False
         while True:
-            _pause(interval, progress, deadline)
+            pause(interval, progress, deadline)
             interval = min(interval * POLL_FACTOR, self._poll_max)
             response = self._exchange(
                 "GET", queued["status_url"], progress, deadline, "status poll", params={"logs": "1"}
@@ -231,10 +233,12 @@ class FalBackend:
         """One output file, fetched once (signed URLs may work only once), retried only when it failed."""
         if not url.startswith(("https://", "http://")):  # data URIs come only in sync mode, never asked for
             raise GenerationRefused("fal's output is not an http(s) URL", "upstream_error", 502)
-        failures = 0
+        retries = self._http.retries(progress, deadline, _RetryVoice("output download", progress))
         while True:
             try:
-                return download_output(self._client, url, time_left(deadline, self._config.request_timeout))
+                return download_output(
+                    self._http.http, url, time_left(deadline, self._config.request_timeout)
+                )
             except httpx.HTTPStatusError as error:
                 code = error.response.status_code
                 if code < 500:
@@ -248,70 +252,20 @@ class FalBackend:
                 raise GenerationRefused(
                     f"fal's output is not a usable image: {error}", "upstream_error", 502
                 ) from None
-            failures += 1
-            self._retry_or_give_up("output download", problem, failures, progress, deadline)
+            retries.failed(problem)
 
     def _exchange(
-        self,
-        method: str,
-        url: str,
-        progress: Progress,
-        deadline: float,
-        what: str,
-        *,
-        json: dict[str, Any] | None = None,
-        params: dict[str, str] | None = None,
-        retry_server_errors: bool = True,
+        self, method: str, url: str, progress: Progress, deadline: float, what: str, **request: Any
     ) -> httpx.Response:
-        """One call to fal's queue: 429 waits and tries again, 5xx and transport errors a few times."""
-        failures = limited = 0
-        while True:
-            if progress.cancelled():
-                raise GenerationCancelled
-            timeout = time_left(deadline, self._config.request_timeout)
-            try:
-                response = self._client.request(
-                    method, url, json=json, params=params, headers=self._headers(), timeout=timeout
-                )
-            except httpx.TransportError as error:
-                problem = type(error).__name__
-            else:
-                if response.status_code == 429:
-                    asked = retry_after(response)
-                    backed_off = backoff(limited, self._retry_base)
-                    wait = backed_off if asked is None else min(asked, RETRY_AFTER_MAX)
-                    limited += 1
-                    log.warning("fal rate limit", extra={"call": what, "retry_in": round(wait, 2)})
-                    progress.log(f"fal is rate limiting (HTTP 429); retrying in {wait:.1f} s")
-                    _pause(wait, progress, deadline)
-                    continue
-                if response.status_code < 500 or not retry_server_errors:
-                    return response
-                problem = f"HTTP {response.status_code}"
-            failures += 1
-            self._retry_or_give_up(f"fal {what}", problem, failures, progress, deadline)
-
-    def _retry_or_give_up(
-        self, what: str, problem: str, failures: int, progress: Progress, deadline: float
-    ) -> None:
-        if failures > self._max_retries:
-            log.error("fal unavailable", extra={"call": what, "problem": problem, "attempts": failures})
-            raise GenerationRefused(
-                f"fal is unavailable: the {what} failed {failures} times (last: {problem})",
-                "upstream_unavailable",
-                502,
-            )
-        wait = backoff(failures - 1, self._retry_base)
-        log.warning(
-            "fal call failed; retrying", extra={"call": what, "problem": problem, "attempt": failures}
-        )
-        progress.log(f"{what} failed ({problem}); retrying in {wait:.1f} s")
-        _pause(wait, progress, deadline)
+        """One call to fal's queue with the key, retried under the backend's policy (429s, and 5xx and
+        transport errors a few times); `request`: RetryingClient.send's keywords (json, params, …)."""
+        voice = _RetryVoice(f"fal {what}", progress)
+        return self._http.send(method, url, progress, deadline, voice, headers=self._headers(), **request)
 
     def _cancel(self, queued: dict[str, Any], progress: Progress) -> None:
         """Best effort: a short PUT to the cancel URL; whatever it answers, we stop waiting."""
         try:
-            response = self._client.put(
+            response = self._http.http.put(
                 queued["cancel_url"],
                 headers=self._headers(),
                 timeout=min(CANCEL_TIMEOUT, self._config.request_timeout),
@@ -324,6 +278,32 @@ class FalBackend:
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Key {self._config.key.value}"}
+
+
+class _RetryVoice:
+    """fal's words for the retries of one call (`what`: "fal submit", "output download", …)."""
+
+    def __init__(self, what: str, progress: Progress) -> None:
+        self._what = what
+        self._progress = progress
+
+    def rate_limited(self, wait: float) -> None:
+        log.warning("fal rate limit", extra={"call": self._what, "retry_in": round(wait, 2)})
+        self._progress.log(f"fal is rate limiting (HTTP 429); retrying in {wait:.1f} s")
+
+    def retrying(self, problem: str, failures: int, wait: float) -> None:
+        log.warning(
+            "fal call failed; retrying", extra={"call": self._what, "problem": problem, "attempt": failures}
+        )
+        self._progress.log(f"{self._what} failed ({problem}); retrying in {wait:.1f} s")
+
+    def gave_up(self, problem: str, failures: int) -> GenerationRefused:
+        log.error("fal unavailable", extra={"call": self._what, "problem": problem, "attempts": failures})
+        return GenerationRefused(
+            f"fal is unavailable: the {self._what} failed {failures} times (last: {problem})",
+            "upstream_unavailable",
+            502,
+        )
 
 
 class _UntilDeadline:
@@ -343,9 +323,9 @@ class _UntilDeadline:
         return self._progress.cancelled() or time.monotonic() >= self._deadline
 
 
-def fal_input(job: GenerationJob, app_id: str, own_base_url: str) -> dict[str, Any]:
-    """The JSON input for fal app `app_id`: only the fields that app accepts, with URLs (not data) out."""
-    endpoint = BY_APP_ID.get(app_id)
+def fal_input(job: GenerationJob, own_base_url: str) -> dict[str, Any]:
+    """The JSON input for fal app `job.model`: only the fields that app accepts, with URLs (not data) out."""
+    endpoint = BY_APP_ID.get(job.model or "")
     accepted = set(endpoint.input_model.model_fields) if endpoint else COMMON_FIELDS
     candidates: dict[str, Any] = {
         "prompt": job.prompt,
@@ -448,9 +428,3 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
             f"fal answered HTTP {response.status_code} with no JSON object", "upstream_error", 502
         )
     return body
-
-
-def _pause(seconds: float, progress: Progress, deadline: float) -> None:
-    """Wait (waking for a cancellation), cut short at the deadline, which then raises TimeoutError."""
-    sleep_unless_cancelled(min(seconds, time_left(deadline, seconds)), progress, math.inf)
-    time_left(deadline, seconds)
