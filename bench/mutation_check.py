@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.95
 DEFAULT_TIMEOUT = 900.0  # seconds for one mutant's tests: a hang is reported as a timeout, not waited out
-AREAS = ("jobs", "api", "fetch", "storage", "webhooks", "worker", "server")
+AREAS = ("jobs", "api", "catalogue", "fetch", "storage", "webhooks", "worker", "runtime", "server")
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "jobs-summary-other-owner",
         JOBS,
         'if row is None or (owner is not None and row["owner"] != owner):\n            return None\n'
-        "        ending =",
-        "if row is None:\n            return None\n        ending =",
+        "        return _summary(row)",
+        "if row is None:\n            return None\n        return _summary(row)",
         "status summaries are returned to any key",
         JOB_STORE,
         OTHER_KEYS,
@@ -274,8 +274,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "api-endpoints-listing-unauthenticated",
         APP_PY,
-        "dependencies=[Depends(services.authenticator.dependency())],\n        responses=UNAUTHORIZED,",
-        "responses=UNAUTHORIZED,",
+        "def endpoints(services: ServicesDep, owner: Owner)",
+        "def endpoints(services: ServicesDep)",
         "/v1/endpoints answers without a key",
         _node(AUTH, "test_endpoint_listing_needs_a_key"),
     ),
@@ -298,10 +298,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "api-result-while-running",
         QUEUE_PY,
-        "if job.state != State.COMPLETED:\n            return JSONResponse(\n"
-        '                {"detail": "Request is still',
-        "if job.state == State.IN_QUEUE:\n            return JSONResponse(\n"
-        '                {"detail": "Request is still',
+        "if job is None or job.state != State.COMPLETED or job.output_expired:",
+        "if job is None or job.state == State.IN_QUEUE or job.output_expired:",
         "the result route serves a running request (whose outcome is not there yet)",
         _node(QUEUE, "test_result_before_completion"),
     ),
@@ -378,8 +376,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "api-request-timeout-zero-accepted",
         QUEUE_PY,
-        "gt=0,\n                    le=MAX_START_WAIT_SECONDS,",
-        "ge=0,\n                    le=MAX_START_WAIT_SECONDS,",
+        "gt=0,\n                le=MAX_START_WAIT_SECONDS,",
+        "ge=0,\n                le=MAX_START_WAIT_SECONDS,",
         "X-Fal-Request-Timeout: 0 is accepted (a request that can never start)",
         _node(VALIDATION, "test_request_timeout_header"),
         HOSTILE,
@@ -520,9 +518,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "webhooks-plain-client",
         DELIVERY_PY,
-        "code = await self._fetcher.post(delivery.url, delivery.body, headers)",
-        "code = (await httpx.AsyncClient().post(delivery.url, content=delivery.body, headers=headers))"
-        ".status_code",
+        "code = await self._fetcher.post(delivery.url, body, headers)",
+        "code = (await httpx.AsyncClient().post(delivery.url, content=body, headers=headers)).status_code",
         "webhooks are sent with a plain HTTP client that bypasses the fetch guard",
         _node(WEBHOOKS, "test_a_webhook_target_the_guard_refuses_is_never_contacted_and_the_delivery_fails"),
     ),
@@ -578,9 +575,9 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- worker/: the runner and housekeeping ---------------------------------------------------------------
     M(
         "worker-seed-zero-is-no-seed",
-        RUNNER_PY,
-        "seed = params.seed if params.seed is not None else secrets.randbelow(2**32)",
-        "seed = params.seed or secrets.randbelow(2**32)",
+        "kontextd/catalogue/endpoints.py",
+        "seed=seed if seed is not None else secrets.randbelow(SEED_MAX + 1),",
+        "seed=seed or secrets.randbelow(SEED_MAX + 1),",
         "seed 0 is treated as no seed",
         _node(QUEUE, "test_seed_zero_is_a_seed"),
         _node(VALIDATION, "test_seed_zero_is_a_seed_not_an_absent_one"),
@@ -596,7 +593,7 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "worker-cancel-ignored-while-running",
         RUNNER_PY,
-        "return self._worker._stop.is_set() or self._worker._store.cancel_requested(self._request_id)",
+        "return self._worker._stop.is_set() or self._worker.cancel_requested(self._request_id)",
         "return self._worker._stop.is_set()",
         "a running request ignores the client's cancel",
         _node(QUEUE, "test_cancel_a_running_request"),
@@ -604,8 +601,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "worker-reports-requested-seed",
         RUNNER_PY,
-        '"seed": seed,',
-        '"seed": params.seed,',
+        '"seed": generation.seed,',
+        '"seed": job.input.get("seed"),',
         "an unseeded request reports seed null, not the seed it used",
         _node(QUEUE, "test_seed_reproduces_images"),
     ),
@@ -622,7 +619,7 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "housekeeping-no-lease-sweep",
         HOUSEKEEPING_PY,
-        '"requeued": store.recover_abandoned(now),',
+        '"requeued": store.recover_abandoned(now, settle_seconds=lease_seconds),',
         '"requeued": 0,',
         "the sweep never re-queues requests whose worker died (lapsed lease)",
         RETENTION,
@@ -649,9 +646,50 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # -- server start-up ------------------------------------------------------------------------------
     M(
-        "server-no-start-up-recovery",
+        "postgres-claim-waits-for-locked-rows",
+        "kontextd/jobs/postgres.py",
+        '" ORDER BY priority, ticket LIMIT 1 FOR UPDATE SKIP LOCKED",',
+        '" ORDER BY priority, ticket LIMIT 1 FOR UPDATE",',
+        "a claim waits for the job another node is claiming instead of skipping past it",
+        "tests/test_postgres_store.py::test_a_claim_skips_a_job_another_node_holds_instead_of_waiting",
+    ),
+    M(
+        "postgres-requeues-live-nodes-work-at-start",
+        "kontextd/jobs/postgres.py",
+        'are re-queued by recover_abandoned once their leases lapse."""\n        return 0',
+        'are re-queued by recover_abandoned once their leases lapse."""\n'
+        "        return self.recover_abandoned(math.inf)",
+        "a starting node re-queues every running job, though other nodes are running them",
+        "tests/test_postgres_store.py::test_recover_after_restart_requeues_nothing_in_a_shared_store",
+    ),
+    M(
+        "postgres-no-settling-after-an-outage",
+        "kontextd/jobs/postgres.py",
+        "if time.monotonic() - self._unreachable_at < settle_seconds:",
+        "if False:",
+        "after a database outage, leases of live workers are taken over before they can renew",
+        "tests/test_scale_out.py::test_postgresql_restarted_mid_run_loses_nothing_and_nodes_answer_503_meanwhile",
+    ),
+    M(
+        "storage-urls-frozen-to-one-origin",
+        "kontextd/storage/urls.py",
+        'return self._public_url or request_base.rstrip("/")',
+        'return self._public_url or "http://127.0.0.1:8000"',
+        "image URLs name a fixed origin, not the one the client called",
+        "tests/test_scale_out.py::test_what_one_node_accepts_every_node_serves_and_a_kill9_loses_nothing",
+    ),
+    M(
+        "server-embedded-key-in-database",
         "kontextd/server.py",
-        "requeued = store.recover_after_restart(time.time())",
+        "    if store.shared:\n        return WebhookSigner.from_pem(",
+        "    if not store.shared:\n        return WebhookSigner.from_pem(",
+        "the embedded server stops keeping its signing key in the data dir (receivers' JWKS changes)",
+        ("tests/test_hostile_input.py::test_secrets_are_private_and_outside_storage",),
+    ),
+    M(
+        "server-no-start-up-recovery",
+        "kontextd/runtime.py",
+        "requeued = store.recover_after_restart(now)",
         "requeued = 0",
         "start-up recovery removed: interrupted requests wait for their lease to lapse",
         KILL9,

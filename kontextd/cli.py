@@ -3,7 +3,7 @@
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kontextd.backends import COMPILE_MODES, DEFAULT_MODEL
@@ -19,22 +19,56 @@ def _env_flag(name: str) -> bool:
     return (_env(name) or "").lower() in ("1", "true", "yes", "on")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kontextd",
-        description="Self-hosted FLUX.1 Kontext server speaking the fal.ai queue API.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser(
-        "serve",
-        help="run the HTTP server and its worker",
-        description="Run the API server with an in-process worker. Every flag has a KONTEXTD_* variable "
-        "(shown in brackets); flags win.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add = serve.add_argument
+def _add_http_flags(add: Callable[..., object]) -> None:
+    """Flags of the HTTP API alone (`serve`)."""
     add("--host", default=_env("HOST", "127.0.0.1"), help="address to bind [KONTEXTD_HOST]")
     add("--port", type=int, default=int(_env("PORT", "8000")), help="port to bind [KONTEXTD_PORT]")
+    add(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="accept this key as 'Authorization: Key KEY' or 'Bearer KEY'; repeatable "
+        "[KONTEXTD_API_KEYS, comma-separated]",
+    )
+    add(
+        "--insecure",
+        action="store_true",
+        default=_env_flag("INSECURE"),
+        help="allow binding a non-loopback address with no API key [KONTEXTD_INSECURE]",
+    )
+    add(
+        "--tls-self-signed",
+        action="store_true",
+        default=_env_flag("TLS_SELF_SIGNED"),
+        help="serve HTTPS with a local CA and certificate created in the data dir, and print the "
+        "environment lines that point fal-client here [KONTEXTD_TLS_SELF_SIGNED]",
+    )
+    add(
+        "--tls-cert",
+        type=Path,
+        default=_env("TLS_CERT"),
+        help="serve HTTPS with this certificate chain [KONTEXTD_TLS_CERT]",
+    )
+    add("--tls-key", type=Path, default=_env("TLS_KEY"), help="private key for --tls-cert [KONTEXTD_TLS_KEY]")
+    add(
+        "--output-ttl",
+        type=float,
+        default=float(_env("OUTPUT_TTL", str(SEVEN_DAYS))),
+        help="seconds finished outputs are kept unless X-Fal-Object-Lifecycle-Preference says otherwise "
+        "[KONTEXTD_OUTPUT_TTL]",
+    )
+    add(
+        "--sse-ping-interval",
+        type=float,
+        default=float(_env("SSE_PING_INTERVAL", "10")),
+        help="seconds between ': ping' keep-alives on status streams [KONTEXTD_SSE_PING_INTERVAL]",
+    )
+
+
+def _add_work_flags(add: Callable[..., object]) -> None:
+    """Flags of everything that concerns the work (`serve` and `worker` alike): store, storage, backend,
+    model, GPUs, fetch allow-list, webhooks, housekeeping."""
     add(
         "--data-dir",
         type=Path,
@@ -105,34 +139,6 @@ def _parser() -> argparse.ArgumentParser:
         "CUDA, off on the CPU [KONTEXTD_COMPILE]",
     )
     add(
-        "--api-key",
-        action="append",
-        dest="api_keys",
-        metavar="KEY",
-        help="accept this key as 'Authorization: Key KEY' or 'Bearer KEY'; repeatable "
-        "[KONTEXTD_API_KEYS, comma-separated]",
-    )
-    add(
-        "--insecure",
-        action="store_true",
-        default=_env_flag("INSECURE"),
-        help="allow binding a non-loopback address with no API key [KONTEXTD_INSECURE]",
-    )
-    add(
-        "--tls-self-signed",
-        action="store_true",
-        default=_env_flag("TLS_SELF_SIGNED"),
-        help="serve HTTPS with a local CA and certificate created in the data dir, and print the "
-        "environment lines that point fal-client here [KONTEXTD_TLS_SELF_SIGNED]",
-    )
-    add(
-        "--tls-cert",
-        type=Path,
-        default=_env("TLS_CERT"),
-        help="serve HTTPS with this certificate chain [KONTEXTD_TLS_CERT]",
-    )
-    add("--tls-key", type=Path, default=_env("TLS_KEY"), help="private key for --tls-cert [KONTEXTD_TLS_KEY]")
-    add(
         "--workers",
         type=int,
         default=int(_env("WORKERS", "1")),
@@ -144,13 +150,6 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("FETCH_ALLOW", ""),
         help="hosts or CIDRs that image and webhook URLs may reach although they are private or loopback, "
         "comma-separated [KONTEXTD_FETCH_ALLOW]",
-    )
-    add(
-        "--output-ttl",
-        type=float,
-        default=float(_env("OUTPUT_TTL", str(SEVEN_DAYS))),
-        help="seconds finished outputs are kept unless X-Fal-Object-Lifecycle-Preference says otherwise "
-        "[KONTEXTD_OUTPUT_TTL]",
     )
     add(
         "--sweep-interval",
@@ -186,12 +185,6 @@ def _parser() -> argparse.ArgumentParser:
         "[KONTEXTD_WEBHOOK_CONCURRENCY]",
     )
     add(
-        "--sse-ping-interval",
-        type=float,
-        default=float(_env("SSE_PING_INTERVAL", "10")),
-        help="seconds between ': ping' keep-alives on status streams [KONTEXTD_SSE_PING_INTERVAL]",
-    )
-    add(
         "--tiny-step-seconds",
         type=float,
         default=float(_env("TINY_STEP_SECONDS", "0")),
@@ -204,50 +197,90 @@ def _parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="[KONTEXTD_LOG_LEVEL]",
     )
-    return parser
-
-
-def settings_from_args(argv: Sequence[str]) -> Settings:
-    args = _parser().parse_args(argv)
-    keys = args.api_keys or [key for key in (_env("API_KEYS") or "").split(",")]
-    return Settings(
-        host=args.host,
-        port=args.port,
-        data_dir=args.data_dir,
-        public_url=args.public_url,
-        config_file=args.config_file,
-        backend=args.backend,
-        model=args.model,
-        device=args.device,
-        gpus=args.gpus,
-        offload=args.offload,
-        weights=args.weights,
-        compile=args.compile,
-        api_keys=tuple(key.strip() for key in keys if key.strip()),
-        insecure=args.insecure,
-        tls_self_signed=args.tls_self_signed,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        workers=args.workers,
-        fetch_allow=args.fetch_allow,
-        output_ttl=args.output_ttl,
-        sweep_interval=args.sweep_interval,
-        lease_seconds=args.lease_seconds,
-        record_retention=args.record_retention,
-        webhook_backoff=tuple(float(part) for part in args.webhook_backoff.split(",") if part.strip()),
-        webhook_concurrency=args.webhook_concurrency,
-        sse_ping_interval=args.sse_ping_interval,
-        tiny_step_seconds=args.tiny_step_seconds,
-        log_level=args.log_level,
+    add(
+        "--store",
+        default=_env("STORE"),
+        help="job store: sqlite:///PATH (default: jobs.sqlite3 in --data-dir; one process) or "
+        "postgresql://user:password@host/db (shared by any number of API nodes and workers) [KONTEXTD_STORE]",
+    )
+    add(
+        "--storage",
+        default=_env("STORAGE"),
+        help="image storage: default files in --data-dir, or s3://bucket[/prefix] with the standard AWS "
+        "configuration (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile, AWS_REGION); "
+        "a missing bucket is created when permitted [KONTEXTD_STORAGE]",
+    )
+    add(
+        "--file-urls",
+        default=_env("FILE_URLS", "proxy"),
+        help="how clients reach stored images: proxy (streamed by kontextd under /files/; works with a "
+        "private bucket), presigned (S3 URLs signed per response), or a CDN / public bucket base URL "
+        "[KONTEXTD_FILE_URLS]",
+    )
+    add(
+        "--webhook-key-file",
+        type=Path,
+        default=_env("WEBHOOK_KEY_FILE"),
+        help="Ed25519 PEM key that signs webhooks (created if missing); default: the data dir's with "
+        "SQLite, the database's with PostgreSQL, so every node publishes one JWKS "
+        "[KONTEXTD_WEBHOOK_KEY_FILE]",
     )
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kontextd",
+        description="Self-hosted FLUX.1 Kontext server speaking the fal.ai queue API.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP API with in-process workers",
+        description="Run the API server with in-process workers (--workers 0: the API alone). Every flag "
+        "has a KONTEXTD_* variable (shown in brackets); flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_http_flags(serve.add_argument)
+    _add_work_flags(serve.add_argument)
+    worker = commands.add_parser(
+        "worker",
+        help="run workers only (no public HTTP), on a shared store",
+        description="Run workers, the webhook dispatcher and the sweeper without the HTTP API, on a store "
+        "shared with `kontextd serve` nodes (--store postgresql://...). Every flag has a KONTEXTD_* "
+        "variable (shown in brackets); flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_work_flags(worker.add_argument)
+    worker.add_argument(
+        "--health-port",
+        type=int,
+        default=int(_env("HEALTH_PORT", "0")) or None,
+        help="answer GET /health (loading, ready or failed, as the API does) on 127.0.0.1 at this port "
+        "[KONTEXTD_HEALTH_PORT]",
+    )
+    return parser
+
+
+def parse(argv: Sequence[str]) -> tuple[str, Settings]:
+    """The command (serve or worker) and its settings; flags a command lacks keep their defaults."""
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    if command == "serve":
+        keys = args["api_keys"] or (_env("API_KEYS") or "").split(",")
+        args["api_keys"] = tuple(key.strip() for key in keys if key.strip())
+    args["webhook_backoff"] = tuple(
+        float(part) for part in args["webhook_backoff"].split(",") if part.strip()
+    )
+    return command, Settings(**args)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+    command, settings = parse(sys.argv[1:] if argv is None else argv)
     try:
         settings.check()
     except ValueError as error:
         sys.exit(f"kontextd: {error}")
-    from kontextd.server import serve  # heavy imports (torch) only once the flags are known good
+    # Heavy imports (torch) only once the flags are known good.
+    from kontextd.server import run_worker, serve
 
-    serve(settings)
+    (serve if command == "serve" else run_worker)(settings)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kontextd.backends import DEFAULT_MODEL
+from kontextd.storage.urls import check_mode as check_file_urls
 
 SEVEN_DAYS = 7 * 24 * 3600.0
 # Ten tries over about two hours, as fal retries webhooks: the gaps between tries, in seconds.
@@ -18,6 +19,11 @@ class Settings:
     port: int = 8000
     data_dir: Path = Path("kontextd-data")
     public_url: str | None = None
+    store: str | None = None  # job store URL; None: sqlite:///<data dir>/jobs.sqlite3
+    storage: str | None = None  # image storage URL; None: files in <data dir>/files
+    file_urls: str = "proxy"  # how clients reach stored files (kontextd.storage.urls)
+    webhook_key_file: Path | None = None  # None: the data dir's key (SQLite) or the database's (PostgreSQL)
+    health_port: int | None = None  # `kontextd worker`: serve /health on 127.0.0.1 at this port
     config_file: Path | None = None  # TOML routing each endpoint to a backend (see kontextd.routing)
     backend: str = "auto"
     model: str = DEFAULT_MODEL
@@ -91,3 +97,4 @@ class Settings:
             raise ValueError("KONTEXTD_WEBHOOK_BACKOFF needs at least one delay")
         if self.webhook_concurrency < 1:
             raise ValueError("--webhook-concurrency must be 1 or more")
+        check_file_urls(self.file_urls)

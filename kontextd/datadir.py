@@ -39,17 +39,19 @@ class DataDir:
         companions = [database.with_name(database.name + suffix) for suffix in ("-wal", "-shm", "-journal")]
         return [database, *companions, database.with_suffix(".lock"), self.webhook_key]
 
-    def prepare(self) -> None:
-        """Create the folders, make the database file private before SQLite first opens it, and refuse a
-        storage root that would contain a secret. Raises ValueError saying which path is wrong."""
+    def prepare(self, sqlite: bool = True) -> None:
+        """Create the folders, make the database file private before SQLite first opens it (when the job
+        store is that file), and refuse a storage root that would contain a secret. Raises ValueError
+        saying which path is wrong."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.files.mkdir(exist_ok=True)
         served = self.files.resolve()
         for secret in self.secrets():
             if secret.resolve().is_relative_to(served):
                 raise ValueError(f"{secret} would be under the storage root {served}: refusing to start")
-        # SQLite creates its -wal and -shm files with the database file's mode, so this covers them too.
-        os.close(os.open(self.database, os.O_CREAT | os.O_RDWR, PRIVATE))
+        if sqlite:
+            # SQLite creates its -wal and -shm files with the database file's mode, so this covers them too.
+            os.close(os.open(self.database, os.O_CREAT | os.O_RDWR, PRIVATE))
         self.make_private()
 
     def make_private(self) -> None:

@@ -1,32 +1,40 @@
-"""`kontextd serve`: build the embedded services and run them under uvicorn."""
+"""The two processes: `kontextd serve` (HTTP API and runtime) and `kontextd worker` (runtime alone)."""
 
+import asyncio
 import logging
 import os
+import signal
 import sys
-import time
 import uuid
 from urllib.parse import urlsplit
 
 import uvicorn
 
 from kontextd import logs
-from kontextd.api.app import create_app
+from kontextd.api.app import create_app, create_health_app
 from kontextd.api.auth import Authenticator
 from kontextd.api.queue import RUN_PREFIX
 from kontextd.api.services import Services
-from kontextd.backends import TINY_MODEL, BackendUnavailable, plan_backend
+from kontextd.backends import TINY_MODEL, BackendPlan, BackendUnavailable, plan_backend
 from kontextd.config import Settings
 from kontextd.datadir import DataDir
 from kontextd.fetch.addresses import AllowList
 from kontextd.fetch.guard import FetchLimits, GuardedFetcher
+from kontextd.jobs.factory import open_store
+from kontextd.jobs.postgres import SchemaTooNew
 from kontextd.jobs.sqlite import DataDirInUse, SQLiteJobStore
-from kontextd.jobs.store import StoreUnavailable
-from kontextd.routing import LOCAL, ConfigError, load_routing
-from kontextd.storage.local import LocalStorage
+from kontextd.jobs.store import JobStore, StoreUnavailable
+from kontextd.routing import LOCAL, ConfigError, Routing, load_routing
+from kontextd.runtime import Runtime, recover_at_start
+from kontextd.storage.factory import open_storage
+from kontextd.storage.s3 import StorageConfigError
+from kontextd.storage.urls import FileUrls
 from kontextd.tls import ensure_self_signed
 from kontextd.webhooks.signing import WebhookSigner
 
 log = logging.getLogger("kontextd.server")
+
+WEBHOOK_KEY_SECRET = "webhook-signing-key"  # its name among the store's secrets
 
 
 def client_environment(settings: Settings, ca_file: str | None) -> list[str]:
@@ -60,8 +68,11 @@ def client_instructions(settings: Settings, ca_file: str | None) -> list[str]:
     ]
 
 
-def serve(settings: Settings) -> None:
-    logs.configure(settings.log_level)
+class StartupError(Exception):
+    """A configuration or a dependency that keeps this process from starting, said in one line."""
+
+
+def _plan_and_routing(settings: Settings) -> tuple[BackendPlan, Routing]:
     try:
         plan = plan_backend(
             settings.backend,
@@ -73,22 +84,85 @@ def serve(settings: Settings) -> None:
             weights=settings.weights,
             compile=settings.compile,
         )
-    except BackendUnavailable as error:
-        sys.exit(f"kontextd: {error}")
-    try:
         routing = load_routing(settings.config_file, plan.model or TINY_MODEL)
-    except ConfigError as error:
-        sys.exit(f"kontextd: {error}")
-    if LOCAL in routing.lanes():
+    except (BackendUnavailable, ConfigError) as error:
+        raise StartupError(str(error)) from error
+    if LOCAL in routing.lanes() and settings.workers > 0:
         print(f"kontextd: backend {plan.kind} on {plan.device} ({plan.reason})", flush=True)
     for route in routing.routes.values():
         print(f"kontextd: {route.app_id} -> {route.backend} ({route.model})", flush=True)
+    return plan, routing
+
+
+def _open_store(settings: Settings, data: DataDir) -> JobStore:
+    try:
+        return SQLiteJobStore(data.database) if settings.store is None else open_store(settings.store)
+    except DataDirInUse as error:
+        raise StartupError(str(error)) from error
+    except StoreUnavailable as error:  # a full disk, a database that is down: said, not a traceback
+        raise StartupError(f"the job store cannot be used: {error}") from error
+    except (SchemaTooNew, ValueError) as error:
+        raise StartupError(f"--store: {error}") from error
+
+
+def _signer(settings: Settings, store: JobStore, data: DataDir) -> WebhookSigner:
+    """One signing key for the deployment: a key file when given; else the database's when the store is
+    shared (every node then publishes the same JWKS), else the data dir's."""
+    if settings.webhook_key_file is not None:
+        return WebhookSigner.load_or_create(settings.webhook_key_file)
+    if store.shared:
+        return WebhookSigner.from_pem(store.secret(WEBHOOK_KEY_SECRET, WebhookSigner.generate_pem))
+    return WebhookSigner.load_or_create(data.webhook_key)
+
+
+def build_services(settings: Settings) -> tuple[Services, DataDir]:
+    """Everything one process (API node or worker) works with, after start-up recovery; StartupError
+    says what keeps it from starting."""
+    plan, routing = _plan_and_routing(settings)
     data = DataDir(settings.data_dir.resolve())
     try:
-        data.prepare()
+        data.prepare(sqlite=settings.store is None)
     except (OSError, ValueError) as error:
-        sys.exit(f"kontextd: data dir {data.root}: {error}")
+        raise StartupError(f"data dir {data.root}: {error}") from error
+    store = _open_store(settings, data)
+    try:
+        storage = open_storage(settings.storage, data.files)
+        urls = FileUrls(settings.file_urls, storage, settings.public_url)
+    except (StorageConfigError, ValueError) as error:
+        store.close()
+        raise StartupError(f"--storage: {error}") from error
+    try:
+        signer = _signer(settings, store, data)
+        services = Services(
+            settings=settings,
+            store=store,
+            storage=storage,
+            urls=urls,
+            authenticator=Authenticator(settings.api_keys),
+            signer=signer,
+            fetcher=GuardedFetcher(
+                AllowList.parse(settings.fetch_allow),
+                FetchLimits(max_bytes=settings.fetch_max_bytes, timeout_seconds=settings.fetch_timeout),
+            ),
+            plan=plan,
+            routing=routing,
+            instance_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        )
+        recover_at_start(services)
+    except (StoreUnavailable, ValueError) as error:
+        store.close()
+        raise StartupError(f"start-up: {error}") from error
+    data.make_private()  # the key just written, and the journal files SQLite made: 0600 whatever came before
+    return services, data
 
+
+def serve(settings: Settings) -> None:
+    """`kontextd serve`: the HTTP API, with the runtime (workers, dispatcher, sweeper) beside it."""
+    logs.configure(settings.log_level)
+    try:
+        services, data = build_services(settings)
+    except StartupError as error:
+        sys.exit(f"kontextd: {error}")
     ssl_files: dict[str, str] = {}
     ca_file = None
     if settings.tls_self_signed:
@@ -100,42 +174,9 @@ def serve(settings: Settings) -> None:
         ca_file = str(tls.ca_cert)
     elif settings.tls_cert is not None and settings.tls_key is not None:
         ssl_files = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
-
-    try:
-        store = SQLiteJobStore(data.database)
-        # Not counted against them: the process stopped, not the requests (up to a limit of such stops).
-        requeued = store.recover_after_restart(time.time())
-    except DataDirInUse as error:
-        sys.exit(f"kontextd: {error}")
-    except StoreUnavailable as error:  # a full disk, say: say so rather than print a traceback
-        sys.exit(f"kontextd: the job store at {data.database} cannot be written: {error}")
-    if requeued:
-        log.warning("re-queued requests the last process stopped under", extra={"count": requeued})
-    # After the re-queue: a request interrupted on a backend no longer routed to must move as well.
-    moved = store.move_to_lanes({route.app_id: route.backend for route in routing.routes.values()})
-    if moved:
-        log.warning(
-            "moved queued requests to the backend their endpoint is now routed to", extra={"count": moved}
-        )
-
-    services = Services(
-        settings=settings,
-        store=store,
-        storage=LocalStorage(data.files, settings.base_url),
-        authenticator=Authenticator(settings.api_keys),
-        signer=WebhookSigner.load_or_create(data.webhook_key),
-        fetcher=GuardedFetcher(
-            AllowList.parse(settings.fetch_allow),
-            FetchLimits(max_bytes=settings.fetch_max_bytes, timeout_seconds=settings.fetch_timeout),
-        ),
-        plan=plan,
-        routing=routing,
-        instance_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-    )
-    data.make_private()  # the key just written, and the journal files SQLite made: 0600 whatever came before
     if settings.host in ("0.0.0.0", "::") and not settings.public_url:
         log.warning(
-            "bound to all interfaces without --public-url: image URLs will name loopback; "
+            "bound to all interfaces without --public-url: webhooks will name loopback in image URLs; "
             "set --public-url to the address clients use",
             extra={"base_url": settings.base_url},
         )
@@ -143,9 +184,10 @@ def serve(settings: Settings) -> None:
         log.warning("no API key configured: every client on the bound address can use this server")
     print(*client_instructions(settings, ca_file), sep="\n", flush=True)
     print(f"kontextd: serving on {settings.base_url} (API docs at {settings.base_url}/docs)", flush=True)
+    runtime = Runtime(services)
     try:
         uvicorn.run(
-            create_app(services),
+            create_app(services, lifespan=lambda _app: runtime.running()),
             host=settings.host,
             port=settings.port,
             log_config=None,
@@ -153,4 +195,37 @@ def serve(settings: Settings) -> None:
             **ssl_files,
         )
     finally:
-        store.close()
+        services.close()
+
+
+def run_worker(settings: Settings) -> None:
+    """`kontextd worker`: the runtime without the HTTP API, on a store shared with the API nodes."""
+    logs.configure(settings.log_level)
+    if settings.store is None or settings.store.startswith("sqlite:"):
+        sys.exit(
+            "kontextd: a worker needs the job store the API nodes use: --store postgresql://... "
+            "(SQLite is one process's: run `kontextd serve` alone instead)"
+        )
+    try:
+        services, _ = build_services(settings)
+    except StartupError as error:
+        sys.exit(f"kontextd: {error}")
+    runtime = Runtime(services)
+    print(f"kontextd: worker {services.instance_id} started", flush=True)
+    try:
+        if settings.health_port:
+            app = create_health_app(services, lifespan=lambda _app: runtime.running())
+            uvicorn.run(app, host="127.0.0.1", port=settings.health_port, log_config=None)
+        else:
+            asyncio.run(_until_signalled(runtime))
+    finally:
+        services.close()
+
+
+async def _until_signalled(runtime: Runtime) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with runtime.running():
+        await stop.wait()

@@ -29,6 +29,8 @@ from kontextd.fetch.guard import GuardedFetcher
 from kontextd.jobs.sqlite import SQLiteJobStore
 from kontextd.webhooks.delivery import WebhookDispatcher
 from kontextd.webhooks.signing import WebhookSigner
+from tests.pg_fixtures import *  # noqa: F403 - fixtures: PostgreSQL databases and a private cluster
+from tests.s3_fixtures import *  # noqa: F403 - fixtures: a SeaweedFS S3 server on loopback
 
 STARTUP_SECONDS = 90
 UPSTREAM_VARIABLES = frozenset(
@@ -53,13 +55,15 @@ def free_port() -> int:
 
 @dataclass
 class KontextdServer:
-    """One `python -m kontextd serve` process. Start, stop, kill -9 and restart on the same data dir."""
+    """One `python -m kontextd serve` process (or `worker`, with /health on `port`). Start, stop, kill -9
+    and restart on the same data dir."""
 
     data_dir: Path
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     tls: bool = False
+    command_name: str = "serve"
     process: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
 
@@ -73,12 +77,13 @@ class KontextdServer:
 
     def command(self) -> list[str]:
         tls = ["--tls-self-signed"] if self.tls else []
+        port = "--health-port" if self.command_name == "worker" else "--port"
         return [
             sys.executable,
             "-m",
             "kontextd",
-            "serve",
-            "--port",
+            self.command_name,
+            port,
             str(self.port),
             "--data-dir",
             str(self.data_dir),

@@ -23,7 +23,7 @@ from kontextd.jobs.store import StoreUnavailable
 
 APP_ID = "fal-ai/flux-kontext/dev"
 PREFIX = "fal-ai/flux-kontext"
-STORAGE_REQUEUED = "Its images could not be stored (disk full); it was queued again"
+STORAGE_REQUEUED = "Its images could not be stored (disk full or storage unavailable); it was queued again"
 PNG = "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)).decode()
 
 
@@ -168,7 +168,9 @@ def test_images_that_cannot_be_stored_run_again_once_space_returns_or_end_with_s
             filler = fill_disk(files)
             given_up = submit(client, seed=2).json()["request_id"]
             ended = wait_completed(client, status_path(given_up), timeout=120)
-            assert ended["error_type"] == "storage_error" and "disk is full" in ended["error"], ended
+            assert (
+                ended["error_type"] == "storage_error" and "storage is full or unavailable" in ended["error"]
+            ), ended
             result = client.get(f"/{PREFIX}/requests/{given_up}")
             assert result.status_code == 503 and result.headers["X-Fal-Error-Type"] == "storage_error"
             assert messages(client, given_up).count(STORAGE_REQUEUED) == MAX_STORAGE_FAILURES - 1

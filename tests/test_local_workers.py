@@ -15,7 +15,7 @@ import torch
 from conftest import STARTUP_SECONDS, KontextdServer, LoopbackServer, free_port, wait_completed, wait_for
 from PIL import Image
 
-from kontextd.cli import settings_from_args
+from kontextd.cli import parse
 
 TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/text-to-image"
 DEV = "fal-ai/flux-kontext/dev"
@@ -98,7 +98,7 @@ def test_gpus_without_cuda_stop_the_server_before_it_binds(tmp_path: Path) -> No
 
 
 def test_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    defaults = settings_from_args(["serve"])
+    defaults = parse(["serve"])[1]
     assert (defaults.gpus, defaults.offload, defaults.weights, defaults.compile) == (
         None,
         "auto",
@@ -107,12 +107,12 @@ def test_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch) 
     )
     for name, value in {"GPUS": "0,1", "OFFLOAD": "model", "WEIGHTS": "fp8", "COMPILE": "off"}.items():
         monkeypatch.setenv(f"KONTEXTD_{name}", value)
-    settings = settings_from_args(["serve"])
+    settings = parse(["serve"])[1]
     assert (settings.gpus, settings.offload, settings.weights, settings.compile) == (
         "0,1",
         "model",
         "fp8",
         "off",
     )
-    flagged = settings_from_args(["serve", "--gpus", "all", "--offload", "sequential", "--compile", "on"])
+    flagged = parse(["serve", "--gpus", "all", "--offload", "sequential", "--compile", "on"])[1]
     assert (flagged.gpus, flagged.offload, flagged.compile) == ("all", "sequential", "on")

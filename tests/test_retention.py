@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import KontextdServer, png_bytes, wait_completed, wait_for
 
-from kontextd.cli import settings_from_args
+from kontextd.cli import parse
 
 APP_ID = "fal-ai/flux-kontext/dev"
 PREFIX = "fal-ai/flux-kontext"
@@ -91,15 +91,15 @@ def test_an_expired_request_leaves_a_tombstone_and_then_nothing(server: Kontextd
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
 def test_the_record_retention_must_be_zero_or_more_seconds(value: str) -> None:
-    settings = settings_from_args(["serve", "--record-retention", value])
+    settings = parse(["serve", "--record-retention", value])[1]
     with pytest.raises(ValueError, match="--record-retention"):
         settings.check()
 
 
 def test_the_record_retention_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert settings_from_args(["serve"]).record_retention == 7 * 24 * 3600
+    assert parse(["serve"])[1].record_retention == 7 * 24 * 3600
     monkeypatch.setenv("KONTEXTD_RECORD_RETENTION", "0")
-    zero = settings_from_args(["serve"])
+    zero = parse(["serve"])[1]
     assert zero.record_retention == 0.0
     zero.check()  # 0: a tombstone goes as soon as its outputs have
-    assert settings_from_args(["serve", "--record-retention", "60"]).record_retention == 60.0
+    assert parse(["serve", "--record-retention", "60"])[1].record_retention == 60.0

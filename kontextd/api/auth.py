@@ -5,7 +5,6 @@ Keys are compared in constant time and never logged."""
 import hashlib
 import hmac
 
-from fastapi import HTTPException, Security
 from fastapi.security import APIKeyHeader
 
 ANONYMOUS = "anonymous"
@@ -39,13 +38,3 @@ class Authenticator:
             if hmac.compare_digest(candidate, key):
                 owner = key_owner
         return owner
-
-    def dependency(self):
-        async def require_owner(authorization: str | None = Security(authorization_header)) -> str:
-            owner = self.owner_for(authorization)
-            if owner is None:
-                detail = "Missing or invalid API key: send 'Authorization: Key <key>' or 'Bearer <key>'"
-                raise HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Key"})
-            return owner
-
-        return require_owner

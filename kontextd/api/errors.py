@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from kontextd.jobs.store import StoreUnavailable
+from kontextd.storage.base import StorageUnavailable
 
 log = logging.getLogger("kontextd.api")
 
@@ -102,12 +103,14 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
 
 
-async def _store_unavailable(request: Request, error: Exception) -> JSONResponse:
-    # The message names the cause (disk full, busy) but never the request's contents.
-    log.error("store unavailable", extra={"path": request.url.path, "reason": str(error)})
+async def _unavailable(request: Request, error: Exception) -> JSONResponse:
+    # The job store (disk full, database down) or the image storage (object store down). The message names
+    # the cause but never the request's contents.
+    part = "store" if isinstance(error, StoreUnavailable) else "storage"
+    log.error(f"{part} unavailable", extra={"path": request.url.path, "reason": str(error)})
     return JSONResponse(
         {
-            "detail": f"The server cannot accept requests right now: {error}",
+            "detail": f"The server cannot serve this right now: {error}",
             "error_type": "service_unavailable",
         },
         status_code=503,
@@ -125,5 +128,6 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_failed)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(StoreUnavailable, _unavailable)
+    app.add_exception_handler(StorageUnavailable, _unavailable)
     app.add_exception_handler(Exception, _unexpected)

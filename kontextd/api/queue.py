@@ -1,19 +1,24 @@
-"""The fal queue API: submit, status, status stream, result and cancel — and the sync run route."""
+"""The fal queue API: submit, status, status stream, result and cancel — and the sync run route.
+
+Every store call runs off the event loop, one thread hop per response where it can be one: on SQLite a
+read is microseconds, but on a network database a read on the loop would stall every other client.
+"""
 
 import json
 import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from kontextd.api.deps import Owner, ServicesDep
 from kontextd.api.json_body import JsonRoute
 from kontextd.api.responses import (
     CANCEL_RESPONSES,
@@ -29,6 +34,7 @@ from kontextd.catalogue.endpoints import ENDPOINTS, Endpoint
 from kontextd.catalogue.schemas import HTTP_URL_PATTERN, KontextOutput, QueueEnvelope, QueueStatus
 from kontextd.fetch.guard import FetchError, GuardedFetcher
 from kontextd.jobs.model import CancelResult, Job, JobSummary, NewJob, Priority, State
+from kontextd.jobs.store import StoreUnavailable
 
 RUN_PREFIX = "/run"  # the run host is this server under /run; the queue host is the server root
 POLL_FALLBACK_SECONDS = 1.0  # re-read state this often even without a wake-up (changes made elsewhere)
@@ -91,7 +97,12 @@ async def _webhook(url: str | None, fetcher: GuardedFetcher) -> str | None:
     return url
 
 
-def _outcome_response(job: Job) -> JSONResponse:
+def _base_url(services: Services, request: Request) -> str:
+    """Where this client reached us: our URLs in the response name the same origin (or --public-url)."""
+    return services.urls.base(str(request.base_url))
+
+
+def _outcome_response(services: Services, request: Request, job: Job) -> JSONResponse:
     assert job.outcome is not None
     headers = {"x-fal-request-id": job.request_id}
     if job.outcome.error_type:
@@ -99,270 +110,329 @@ def _outcome_response(job: Job) -> JSONResponse:
     if job.outcome.served_by:  # which backend and model made it: [pro]/[max] may be served locally
         headers["x-kontextd-backend"] = job.lane
         headers["x-kontextd-model"] = job.outcome.served_by
-    return JSONResponse(job.outcome.body, status_code=job.outcome.status_code, headers=headers)
+    # Rendered now, for this client: results keep storage keys, never URLs (kontextd.storage.urls).
+    rendered = services.urls.render(job.outcome.body, str(request.base_url))
+    return JSONResponse(rendered, status_code=job.outcome.status_code, headers=headers)
 
 
-def build_queue_router(services: Services) -> APIRouter:
-    router = APIRouter(route_class=JsonRoute)
-    store = services.store
-    settings = services.settings
-    Owner = Annotated[str, Depends(services.authenticator.dependency())]
-
-    def base_url(request: Request) -> str:
-        return settings.public_url or str(request.base_url)
-
-    def new_job(
-        endpoint: Endpoint,
-        body: BaseModel,
-        owner: str,
-        webhook: str | None,
-        priority: str | None,
-        timeout: float | None,
-        lifecycle: str | None,
-        no_retry: str | None,
-    ) -> NewJob:
-        return NewJob(
-            request_id=str(uuid.uuid4()),
-            gateway_request_id=str(uuid.uuid4()),
-            app_id=endpoint.app_id,
-            owner=owner,
-            input=body.model_dump(mode="json"),
-            lane=services.routing.route(endpoint.app_id).backend,
-            priority=Priority.LOW if priority == "low" else Priority.NORMAL,
-            start_deadline=time.time() + timeout if timeout is not None else None,
-            webhook_url=webhook,
-            output_ttl_seconds=_lifecycle_ttl(lifecycle, settings.output_ttl),
-            no_retry=no_retry in ("1", "true"),
-        )
-
-    async def enqueue(job: NewJob) -> int:
-        position = await run_in_threadpool(store.submit, job)
-        services.wake_workers()
-        return position
-
-    async def wait_until_completed(request_id: str, owner: str) -> Job:
-        assert services.feed is not None
-        while True:
-            waiter = services.feed.watch(request_id)
-            summary = store.summary(request_id, owner)
-            if summary is not None and summary.state == State.COMPLETED:
-                waiter.cancel()
-                job = store.get(request_id, owner)
-                assert job is not None
-                return job
-            await services.feed.wait(request_id, waiter, POLL_FALLBACK_SECONDS)
-
-    def add_submit(endpoint: Endpoint, run_mode: bool) -> None:
-        input_model: type[BaseModel] = endpoint.input_model
-
-        async def submit(
-            request: Request,
-            body: input_model,  # type: ignore[valid-type]
-            owner: Owner,
-            fal_webhook: Annotated[
-                str | None,
-                Query(
-                    description="URL to POST the result to when it ends; refused at once if the server "
-                    "may not reach it. Empty: no webhook.",
-                    json_schema_extra={"pattern": WEBHOOK_URL_PATTERN},
-                ),
-            ] = None,
-            x_fal_queue_priority: Annotated[
-                Literal["normal", "low"] | None, Header(description="normal runs before low.")
-            ] = None,
-            x_fal_request_timeout: Annotated[
-                float | None,
-                Header(
-                    gt=0,
-                    le=MAX_START_WAIT_SECONDS,
-                    allow_inf_nan=False,
-                    description="Seconds the request may wait to start (at most a day).",
-                ),
-            ] = None,
-            x_fal_object_lifecycle_preference: Annotated[
-                str | None,
-                Header(
-                    description='How long outputs are kept: {"expiration_duration_seconds": N}, N seconds '
-                    "above 0 and at most a year. Empty: the server's default.",
-                    json_schema_extra={"pattern": LIFECYCLE_PATTERN},
-                ),
-            ] = None,
-            x_fal_no_retry: Annotated[
-                Literal["1", "0", "true", "false"] | None,
-                Header(description="1 (or true): do not re-run the request if its worker stops; 0: do."),
-            ] = None,
-        ) -> JSONResponse:
-            job = new_job(
-                endpoint,
-                body,
-                owner,
-                await _webhook(fal_webhook, services.fetcher),
-                x_fal_queue_priority,
-                x_fal_request_timeout,
-                x_fal_object_lifecycle_preference,
-                x_fal_no_retry,
-            )
-            position = await enqueue(job)
-            if run_mode:
-                return _outcome_response(await wait_until_completed(job.request_id, owner))
-            envelope = {
-                "status": "IN_QUEUE",
-                "request_id": job.request_id,
-                "gateway_request_id": job.gateway_request_id,
-                **request_urls(base_url(request), job.app_id, job.request_id),
-                "queue_position": position,
-                "logs": None,
-                "metrics": {},
-            }
-            return JSONResponse(envelope, headers={"x-fal-request-id": job.request_id})
-
-        if run_mode:
-            router.add_api_route(
-                f"{RUN_PREFIX}/{endpoint.app_id}",
-                submit,
-                methods=["POST"],
-                tags=["run (sync)"],
-                summary=f"{endpoint.title}: wait for the result",
-                description=endpoint.description,
-                response_model=KontextOutput,
-                responses=RUN_RESPONSES,
-                operation_id=f"run_{endpoint.app_id}",
-            )
-        else:
-            router.add_api_route(
-                f"/{endpoint.app_id}",
-                submit,
-                methods=["POST"],
-                tags=[endpoint.app_id],
-                summary=endpoint.title,
-                description=endpoint.description + " Queues the request; follow it with the returned URLs.",
-                response_model=QueueEnvelope,
-                responses=SUBMIT_RESPONSES,
-                operation_id=f"submit_{endpoint.app_id}",
-            )
-
-    for endpoint in ENDPOINTS:
-        add_submit(endpoint, run_mode=False)
-        add_submit(endpoint, run_mode=True)
-
-    def find(app_owner: str, app_alias: str, request_id: str, owner: str) -> JobSummary | None:
-        job = store.summary(request_id, owner)
-        if job is None or queue_prefix(job.app_id) != f"{app_owner}/{app_alias}":
-            return None  # someone else's request looks exactly like an unknown one
-        return job
-
-    def current_status(request: Request, job: JobSummary, with_logs: bool) -> dict[str, Any]:
-        position = store.queue_position(job.request_id) if job.state == State.IN_QUEUE else None
-        logs = store.logs(job.request_id) if with_logs else None
-        return status_body(job, base_url(request), position, logs)
-
-    # Reads are SQLite point lookups of microseconds: they run on the event loop, since a threadpool hop
-    # costs more than the lookup itself. Writes (submit, cancel) wait on fsync and go to the threadpool.
-    requests_path = "/{app_owner}/{app_alias}/requests/{request_id}"
-    not_found = {"detail": "Request not found"}
-
-    @router.get(
-        requests_path + "/status",
-        tags=["queue"],
-        summary="Request status",
-        response_model=QueueStatus,
-        responses=STATUS_RESPONSES,
+def _new_job(
+    services: Services,
+    endpoint: Endpoint,
+    body: BaseModel,
+    owner: str,
+    webhook: str | None,
+    priority: str | None,
+    timeout: float | None,
+    lifecycle: str | None,
+    no_retry: str | None,
+) -> NewJob:
+    return NewJob(
+        request_id=str(uuid.uuid4()),
+        gateway_request_id=str(uuid.uuid4()),
+        app_id=endpoint.app_id,
+        owner=owner,
+        input=body.model_dump(mode="json"),
+        lane=services.routing.route(endpoint.app_id).backend,
+        priority=Priority.LOW if priority == "low" else Priority.NORMAL,
+        start_deadline=time.time() + timeout if timeout is not None else None,
+        webhook_url=webhook,
+        output_ttl_seconds=_lifecycle_ttl(lifecycle, services.settings.output_ttl),
+        no_retry=no_retry in ("1", "true"),
     )
-    async def status(
-        request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
+
+
+def _finished(services: Services, request_id: str, owner: str) -> Job | None:
+    """The whole job once it has ended, else None: one thread hop per look."""
+    summary = services.store.summary(request_id, owner)
+    if summary is None or summary.state != State.COMPLETED:
+        return None
+    return services.store.get(request_id, owner)
+
+
+async def _wait_until_completed(services: Services, request_id: str, owner: str) -> Job:
+    feed = services.feed
+    assert feed is not None
+    while True:
+        waiter = feed.watch(request_id)  # before reading: a change in between is not missed
+        try:
+            job = await run_in_threadpool(_finished, services, request_id, owner)
+        except StoreUnavailable:  # the database restarting: the request is safe, keep waiting for it
+            job = None
+        if job is not None:
+            waiter.cancel()
+            return job
+        await feed.wait(request_id, waiter, POLL_FALLBACK_SECONDS)
+
+
+def _submit_route(endpoint: Endpoint, run_mode: bool) -> Callable[..., Awaitable[JSONResponse]]:
+    """The submit (or sync run) handler of one endpoint: its signature names the endpoint's input model."""
+    input_model: type[BaseModel] = endpoint.input_model
+
+    async def submit(
+        request: Request,
+        body: input_model,  # type: ignore[valid-type]
+        services: ServicesDep,
+        owner: Owner,
+        fal_webhook: Annotated[
+            str | None,
+            Query(
+                description="URL to POST the result to when it ends; refused at once if the server "
+                "may not reach it. Empty: no webhook.",
+                json_schema_extra={"pattern": WEBHOOK_URL_PATTERN},
+            ),
+        ] = None,
+        x_fal_queue_priority: Annotated[
+            Literal["normal", "low"] | None, Header(description="normal runs before low.")
+        ] = None,
+        x_fal_request_timeout: Annotated[
+            float | None,
+            Header(
+                gt=0,
+                le=MAX_START_WAIT_SECONDS,
+                allow_inf_nan=False,
+                description="Seconds the request may wait to start (at most a day).",
+            ),
+        ] = None,
+        x_fal_object_lifecycle_preference: Annotated[
+            str | None,
+            Header(
+                description='How long outputs are kept: {"expiration_duration_seconds": N}, N seconds '
+                "above 0 and at most a year. Empty: the server's default.",
+                json_schema_extra={"pattern": LIFECYCLE_PATTERN},
+            ),
+        ] = None,
+        x_fal_no_retry: Annotated[
+            Literal["1", "0", "true", "false"] | None,
+            Header(description="1 (or true): do not re-run the request if its worker stops; 0: do."),
+        ] = None,
     ) -> JSONResponse:
-        job = find(app_owner, app_alias, request_id, owner)
-        if job is None:
-            return JSONResponse(not_found, status_code=404)
-        body = current_status(request, job, logs in ("1", "true"))
-        code = 200 if job.state == State.COMPLETED else 202
-        return JSONResponse(body, status_code=code, headers={"x-fal-request-id": job.request_id})
+        job = _new_job(
+            services,
+            endpoint,
+            body,
+            owner,
+            await _webhook(fal_webhook, services.fetcher),
+            x_fal_queue_priority,
+            x_fal_request_timeout,
+            x_fal_object_lifecycle_preference,
+            x_fal_no_retry,
+        )
+        position = await run_in_threadpool(services.store.submit, job)
+        services.wake_workers(job.lane)  # this process's; other processes hear of it through the store
+        if run_mode:
+            finished = await _wait_until_completed(services, job.request_id, owner)
+            return _outcome_response(services, request, finished)
+        envelope = {
+            "status": "IN_QUEUE",
+            "request_id": job.request_id,
+            "gateway_request_id": job.gateway_request_id,
+            **request_urls(_base_url(services, request), job.app_id, job.request_id),
+            "queue_position": position,
+            "logs": None,
+            "metrics": {},
+        }
+        return JSONResponse(envelope, headers={"x-fal-request-id": job.request_id})
 
-    @router.get(
-        requests_path + "/status/stream",
-        tags=["queue"],
-        summary="Request status as server-sent events",
-        response_class=StreamingResponse,
-        response_model=None,
-        responses=STREAM_RESPONSES,
+    return submit
+
+
+router = APIRouter(route_class=JsonRoute)
+
+for _endpoint in ENDPOINTS:
+    router.add_api_route(
+        f"/{_endpoint.app_id}",
+        _submit_route(_endpoint, run_mode=False),
+        methods=["POST"],
+        tags=[_endpoint.app_id],
+        summary=_endpoint.title,
+        description=_endpoint.description + " Queues the request; follow it with the returned URLs.",
+        response_model=QueueEnvelope,
+        responses=SUBMIT_RESPONSES,
+        operation_id=f"submit_{_endpoint.app_id}",
     )
-    async def stream(
-        request: Request, app_owner: str, app_alias: str, request_id: str, owner: Owner, logs: LogsFlag = None
-    ) -> StreamingResponse | JSONResponse:
-        job = find(app_owner, app_alias, request_id, owner)
-        if job is None:
-            return JSONResponse(not_found, status_code=404)
-        with_logs = logs in ("1", "true")
+    router.add_api_route(
+        f"{RUN_PREFIX}/{_endpoint.app_id}",
+        _submit_route(_endpoint, run_mode=True),
+        methods=["POST"],
+        tags=["run (sync)"],
+        summary=f"{_endpoint.title}: wait for the result",
+        description=_endpoint.description,
+        response_model=KontextOutput,
+        responses=RUN_RESPONSES,
+        operation_id=f"run_{_endpoint.app_id}",
+    )
 
-        async def events() -> AsyncIterator[str]:
-            assert services.feed is not None
-            last_sent: dict[str, Any] | None = None
-            last_write = time.monotonic()
-            while True:
-                waiter = services.feed.watch(request_id)
-                current = store.summary(request_id)
-                if current is None:
-                    waiter.cancel()
-                    return
-                body = current_status(request, current, with_logs)
-                if body != last_sent:
-                    yield f"data: {json.dumps(body)}\n\n"
-                    last_sent, last_write = body, time.monotonic()
-                if current.state == State.COMPLETED:
-                    waiter.cancel()
-                    return
-                if time.monotonic() - last_write >= settings.sse_ping_interval:
+
+def _find(
+    services: Services, app_owner: str, app_alias: str, request_id: str, owner: str | None
+) -> JobSummary | None:
+    job = services.store.summary(request_id, owner)
+    if job is None or queue_prefix(job.app_id) != f"{app_owner}/{app_alias}":
+        return None  # someone else's request looks exactly like an unknown one
+    return job
+
+
+def _status_of(
+    services: Services,
+    base_url: str,
+    app_owner: str,
+    app_alias: str,
+    request_id: str,
+    owner: str | None,
+    with_logs: bool,
+) -> tuple[JobSummary, dict[str, Any]] | None:
+    """A request's status body, read in one thread hop: summary, then queue position and logs."""
+    job = _find(services, app_owner, app_alias, request_id, owner)
+    if job is None:
+        return None
+    position = services.store.queue_position(request_id) if job.state == State.IN_QUEUE else None
+    logs = services.store.logs(request_id) if with_logs else None
+    return job, status_body(job, base_url, position, logs)
+
+
+REQUESTS_PATH = "/{app_owner}/{app_alias}/requests/{request_id}"
+NOT_FOUND = {"detail": "Request not found"}
+
+
+@router.get(
+    REQUESTS_PATH + "/status",
+    tags=["queue"],
+    summary="Request status",
+    response_model=QueueStatus,
+    responses=STATUS_RESPONSES,
+)
+async def status(
+    request: Request,
+    app_owner: str,
+    app_alias: str,
+    request_id: str,
+    services: ServicesDep,
+    owner: Owner,
+    logs: LogsFlag = None,
+) -> JSONResponse:
+    base = _base_url(services, request)
+    found = await run_in_threadpool(
+        _status_of, services, base, app_owner, app_alias, request_id, owner, logs in ("1", "true")
+    )
+    if found is None:
+        return JSONResponse(NOT_FOUND, status_code=404)
+    job, body = found
+    code = 200 if job.state == State.COMPLETED else 202
+    return JSONResponse(body, status_code=code, headers={"x-fal-request-id": job.request_id})
+
+
+@router.get(
+    REQUESTS_PATH + "/status/stream",
+    tags=["queue"],
+    summary="Request status as server-sent events",
+    response_class=StreamingResponse,
+    response_model=None,
+    responses=STREAM_RESPONSES,
+)
+async def stream(
+    request: Request,
+    app_owner: str,
+    app_alias: str,
+    request_id: str,
+    services: ServicesDep,
+    owner: Owner,
+    logs: LogsFlag = None,
+) -> StreamingResponse | JSONResponse:
+    if await run_in_threadpool(_find, services, app_owner, app_alias, request_id, owner) is None:
+        return JSONResponse(NOT_FOUND, status_code=404)
+    with_logs = logs in ("1", "true")
+    base = _base_url(services, request)
+    ping_interval = services.settings.sse_ping_interval
+
+    async def events() -> AsyncIterator[str]:
+        feed = services.feed
+        assert feed is not None
+        last_sent: dict[str, Any] | None = None
+        last_write = time.monotonic()
+        while True:
+            # Woken by any process's change to this request (the store's notifications), else re-read
+            # on a timeout: a lost wake-up delays an event, never drops it.
+            waiter = feed.watch(request_id)
+            try:
+                found = await run_in_threadpool(
+                    _status_of, services, base, app_owner, app_alias, request_id, None, with_logs
+                )
+            except StoreUnavailable:  # the database restarting: keep the stream alive, ask again shortly
+                if time.monotonic() - last_write >= ping_interval:
                     yield ": ping\n\n"
                     last_write = time.monotonic()
-                wait = min(POLL_FALLBACK_SECONDS, settings.sse_ping_interval)
-                await services.feed.wait(request_id, waiter, wait)
+                await feed.wait(request_id, waiter, POLL_FALLBACK_SECONDS)
+                continue
+            if found is None:
+                waiter.cancel()
+                return
+            current, body = found
+            if body != last_sent:
+                yield f"data: {json.dumps(body)}\n\n"
+                last_sent, last_write = body, time.monotonic()
+            if current.state == State.COMPLETED:
+                waiter.cancel()
+                return
+            if time.monotonic() - last_write >= ping_interval:
+                yield ": ping\n\n"
+                last_write = time.monotonic()
+            await feed.wait(request_id, waiter, min(POLL_FALLBACK_SECONDS, ping_interval))
 
-        headers = {"x-fal-request-id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    headers = {"x-fal-request-id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    @router.get(
-        requests_path,
-        tags=["queue"],
-        summary="Request result",
-        response_model=KontextOutput,
-        responses=RESULT_RESPONSES,
-    )
-    async def result(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
-        job = find(app_owner, app_alias, request_id, owner)
-        if job is None:
-            return JSONResponse(not_found, status_code=404)
-        if job.state != State.COMPLETED:
-            return JSONResponse(
-                {"detail": "Request is still in progress"},
-                status_code=400,
-                headers={"x-fal-request-id": request_id},
-            )
-        if job.output_expired:
-            return JSONResponse(
-                {"detail": "The request's outputs have expired"},
-                status_code=410,
-                headers={"x-fal-request-id": request_id},
-            )
-        finished = store.get(request_id, owner)
-        assert finished is not None
-        return _outcome_response(finished)
 
-    @router.put(
-        requests_path + "/cancel",
-        tags=["queue"],
-        summary="Cancel a request",
-        status_code=202,
-        responses=CANCEL_RESPONSES,
-    )
-    async def cancel(request_id: str, app_owner: str, app_alias: str, owner: Owner) -> JSONResponse:
-        if find(app_owner, app_alias, request_id, owner) is None:
-            return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
-        outcome = await run_in_threadpool(store.cancel, request_id, owner, time.time())
-        services.notify(request_id)
-        if outcome is CancelResult.NOT_FOUND:
-            return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
-        if outcome is CancelResult.ALREADY_COMPLETED:
-            return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
-        return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
+def _result_of(
+    services: Services, app_owner: str, app_alias: str, request_id: str, owner: str
+) -> JobSummary | Job | None:
+    """The finished job, or its summary when it has not ended or its outputs expired; None: not found."""
+    job = _find(services, app_owner, app_alias, request_id, owner)
+    if job is None or job.state != State.COMPLETED or job.output_expired:
+        return job
+    return services.store.get(request_id, owner)
 
-    return router
+
+@router.get(
+    REQUESTS_PATH,
+    tags=["queue"],
+    summary="Request result",
+    response_model=KontextOutput,
+    responses=RESULT_RESPONSES,
+)
+async def result(
+    request: Request, request_id: str, app_owner: str, app_alias: str, services: ServicesDep, owner: Owner
+) -> JSONResponse:
+    job = await run_in_threadpool(_result_of, services, app_owner, app_alias, request_id, owner)
+    if job is None:
+        return JSONResponse(NOT_FOUND, status_code=404)
+    if isinstance(job, Job):
+        return _outcome_response(services, request, job)
+    headers = {"x-fal-request-id": request_id}
+    if job.state != State.COMPLETED:
+        return JSONResponse({"detail": "Request is still in progress"}, status_code=400, headers=headers)
+    return JSONResponse({"detail": "The request's outputs have expired"}, status_code=410, headers=headers)
+
+
+def _cancel(services: Services, app_owner: str, app_alias: str, request_id: str, owner: str) -> CancelResult:
+    if _find(services, app_owner, app_alias, request_id, owner) is None:
+        return CancelResult.NOT_FOUND
+    return services.store.cancel(request_id, owner, time.time())
+
+
+@router.put(
+    REQUESTS_PATH + "/cancel",
+    tags=["queue"],
+    summary="Cancel a request",
+    status_code=202,
+    responses=CANCEL_RESPONSES,
+)
+async def cancel(
+    request_id: str, app_owner: str, app_alias: str, services: ServicesDep, owner: Owner
+) -> JSONResponse:
+    outcome = await run_in_threadpool(_cancel, services, app_owner, app_alias, request_id, owner)
+    if outcome is CancelResult.NOT_FOUND:
+        return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+    services.notify(request_id)  # a worker on another node hears of it through the store
+    if outcome is CancelResult.ALREADY_COMPLETED:
+        return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+    return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)

@@ -1,4 +1,4 @@
-"""Everything the HTTP handlers need, built once by the server and handed to create_app()."""
+"""Everything the HTTP handlers and the runtime share, built once per process by kontextd.server."""
 
 from dataclasses import dataclass, field
 
@@ -10,6 +10,7 @@ from kontextd.fetch.guard import GuardedFetcher
 from kontextd.jobs.store import JobStore
 from kontextd.routing import Routing
 from kontextd.storage.base import Storage
+from kontextd.storage.urls import FileUrls
 from kontextd.webhooks.signing import WebhookSigner
 from kontextd.worker.runner import Worker
 
@@ -37,6 +38,7 @@ class Services:
     settings: Settings
     store: JobStore
     storage: Storage
+    urls: FileUrls  # how clients reach stored files, rendered per response
     authenticator: Authenticator
     signer: WebhookSigner
     fetcher: GuardedFetcher
@@ -46,11 +48,17 @@ class Services:
     lanes: dict[str, Readiness] = field(default_factory=dict)  # every backend in use, "local" included
     instance_id: str = "kontextd"  # prefixes worker ids so leases name the process that holds them
     workers: list[Worker] = field(default_factory=list)
-    feed: ChangeFeed | None = None  # made in the lifespan, once the event loop runs
+    feed: ChangeFeed | None = None  # made by the runtime, once the event loop runs
 
-    def wake_workers(self) -> None:
+    def wake_workers(self, lane: str | None = None) -> None:
+        """Wake this process's idle workers (of `lane`, or all) to claim at once."""
         for worker in self.workers:
-            worker.wake.set()
+            if lane is None or worker.lane == lane:
+                worker.wake.set()
+
+    def close(self) -> None:
+        self.store.close()
+        self.storage.close()
 
     def notify(self, request_id: str) -> None:
         if self.feed is not None:

@@ -10,15 +10,19 @@ the same `X-Kontextd-Webhook-Id`, which receivers dedupe on.
 
 import asyncio
 import collections
+import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 
 from kontextd.fetch.guard import FetchError, FetchLimits, GuardedFetcher
 from kontextd.jobs.model import DueWebhook, WebhookDelivery
-from kontextd.jobs.store import JobStore
+from kontextd.jobs.store import JobStore, StoreUnavailable
+from kontextd.storage.urls import KEY_FIELD
 from kontextd.webhooks.signing import WebhookSigner
 
 log = logging.getLogger("kontextd.webhooks")
@@ -60,9 +64,12 @@ class WebhookDispatcher:
         per_target: int = PER_TARGET,
         overall: int = OVERALL,
         deadline_seconds: float | None = None,
+        render: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         """`send_timeout` is the fetcher's: how long a POST may take. `deadline_seconds`, how long a try
-        stays marked in flight, defaults to that plus a margin."""
+        stays marked in flight, defaults to that plus a margin. `render` turns the stored payload's file
+        keys into URLs, at each try (kontextd.storage.urls: a presigned URL is signed from now)."""
+        self._render = render
         self._store = store
         self._signer = signer
         self._fetcher = fetcher
@@ -83,6 +90,10 @@ class WebhookDispatcher:
                 self._slot_freed.clear()  # before the round: a slot freed during it starts another
                 try:
                     await self._start_due()
+                except StoreUnavailable as error:  # the database restarting: said without a traceback
+                    log.warning(
+                        "webhook round skipped: the store is unavailable", extra={"reason": str(error)}
+                    )
                 except Exception:  # keep delivering: one bad row or a database hiccup must not stop webhooks
                     log.exception("webhook round failed")
                 self.rounds += 1
@@ -141,11 +152,21 @@ class WebhookDispatcher:
         except Exception:  # a store failure: the delivery stays due (or falls due at its deadline)
             log.exception("webhook try failed", extra={"delivery_id": delivery_id, "target": target})
 
+    def _body(self, stored: bytes) -> bytes:
+        """The body as sent: the stored one, with its images' URLs rendered when it names stored files."""
+        if self._render is None or f'"{KEY_FIELD}"'.encode() not in stored:
+            return stored
+        message = json.loads(stored)
+        if isinstance(message.get("payload"), dict):
+            message["payload"] = self._render(message["payload"])
+        return json.dumps(message, separators=(",", ":")).encode()
+
     async def _send(self, delivery: WebhookDelivery) -> tuple[bool, str]:
+        body = self._body(delivery.body)
         headers = {"Content-Type": "application/json", WEBHOOK_ID_HEADER: webhook_id(delivery)}
-        headers |= self._signer.sign_headers(delivery.request_id, delivery.user_id, delivery.body)
+        headers |= self._signer.sign_headers(delivery.request_id, delivery.user_id, body)
         try:
-            code = await self._fetcher.post(delivery.url, delivery.body, headers)
+            code = await self._fetcher.post(delivery.url, body, headers)
         except FetchError as failure:
             return False, failure.message
         return 200 <= code < 300, f"HTTP {code}"

@@ -50,23 +50,27 @@ class WebhookSigner:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
 
+    @staticmethod
+    def generate_pem() -> bytes:
+        """A new Ed25519 private key as unencrypted PKCS8 PEM."""
+        return Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    @classmethod
+    def from_pem(cls, pem: bytes, source: str = "the key") -> WebhookSigner:
+        loaded = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(loaded, Ed25519PrivateKey):
+            raise ValueError(f"{source} is not an Ed25519 private key")
+        return cls(loaded)
+
     @classmethod
     def load_or_create(cls, path: pathlib.Path) -> WebhookSigner:
         """Load the PKCS8 PEM key at `path`, creating it first if missing, so receivers' cached JWKS
         stays valid across restarts."""
         if not path.exists():
-            key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            write_atomic(path, pem)
-            return cls(key)
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(loaded, Ed25519PrivateKey):
-            raise ValueError(f"{path} does not hold an Ed25519 private key")
-        return cls(loaded)
+            write_atomic(path, cls.generate_pem())
+        return cls.from_pem(path.read_bytes(), str(path))
 
     @property
     def key_id(self) -> str:

@@ -1,8 +1,6 @@
 """The worker: claims queued requests, runs them through a backend, stores the images, ends the request."""
 
-import errno
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -17,29 +15,25 @@ from kontextd.backends.base import (
     GenerationJob,
     GenerationOutOfMemory,
     GenerationRefused,
-    ImageInput,
 )
-from kontextd.catalogue.endpoints import BY_APP_ID, GenerationParams, generation_params
+from kontextd.catalogue.endpoints import BY_APP_ID, generation_job
 from kontextd.fetch.guard import FetchError
 from kontextd.jobs import outcomes
 from kontextd.jobs.model import Job, Outcome, Release, State
 from kontextd.jobs.store import JobStore, StoreUnavailable
-from kontextd.storage.base import Storage
+from kontextd.storage.base import Storage, StorageUnavailable
 from kontextd.storage.keys import output_key
+from kontextd.storage.urls import KEY_FIELD
 from kontextd.worker.encoding import CONTENT_TYPES, EXTENSIONS, data_uri, encode_image
 
 log = logging.getLogger("kontextd.worker")
 
 ImageLoader = Callable[[str], Image.Image]  # fetches and decodes an image_url; raises FetchError
 
-STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 STORAGE_PAUSE_FIRST = 1.0  # seconds a worker waits after images could not be stored, doubling each time
 STORAGE_PAUSE_MAX = 60.0
+STORE_RETRY_SECONDS = 2.0  # progress writes skipped this long after the store failed to take one
 RECORD_RETRY_MAX = 10.0  # seconds between tries to record a request's end while the store is unavailable
-
-
-class StorageFull(Exception):
-    """The request's images could not be stored for lack of space: worth running again later."""
 
 
 class Worker:
@@ -59,7 +53,7 @@ class Worker:
         self.worker_id = worker_id
         self._store = store
         self._backend = backend
-        self._lane = lane
+        self.lane = lane  # the queue lane (backend) it claims from
         self._models = models  # app id -> the model its route names, for backends serving several
         self._storage = storage
         self._load_image = load_image
@@ -69,12 +63,16 @@ class Worker:
         self._stop = threading.Event()  # the server is stopping: running requests are handed back
         self._storage_failures = 0  # in a row, on this worker: how long to pause before the next claim
         self._dropping_logs = False  # request log lines are being lost (disk full): said once, not per line
+        # While the store cannot answer (a database restarting, a full disk), progress writes and cancel
+        # reads are skipped until this monotonic time, rather than each step waiting out its own timeout.
+        self._store_retry_at = 0.0
+        self.current: str | None = None  # the request running now, for the runtime's shutdown
 
     def run_forever(self, stop: threading.Event) -> None:
         self._stop = stop
         while not stop.is_set():
             try:
-                job = self._store.claim(self.worker_id, self._lease_seconds, time.time(), self._lane)
+                job = self._store.claim(self.worker_id, self._lease_seconds, time.time(), self.lane)
                 if job is not None:
                     self._notify(job.request_id)
                     self.run(job)
@@ -97,6 +95,7 @@ class Worker:
     def run(self, job: Job) -> None:
         started = time.perf_counter()
         log.info("request started", extra={"request_id": job.request_id, "app_id": job.app_id})
+        self.current = job.request_id
         finished = threading.Event()
         heartbeat = threading.Thread(target=self._keep_lease, args=(job.request_id, finished), daemon=True)
         heartbeat.start()
@@ -107,6 +106,7 @@ class Worker:
             state = self._record(job, ending)
         finally:
             finished.set()
+            self.current = None
         fields: dict[str, object] = {"request_id": job.request_id, "state": state}
         if isinstance(ending, Release):
             fields["released"] = ending.value
@@ -120,10 +120,10 @@ class Worker:
         try:
             outcome = self._execute(job)
         except GenerationCancelled:
-            if self._stop.is_set() and not self._store.cancel_requested(job.request_id):
+            if self._stop.is_set() and not self.cancel_requested(job.request_id):
                 return Release.SHUTDOWN  # stopped between steps for the shutdown, not by the client
             outcome = outcomes.cancelled()
-        except StorageFull as error:
+        except StorageUnavailable as error:
             self._storage_failures += 1
             log.warning(
                 "images could not be stored", extra={"request_id": job.request_id, "reason": str(error)}
@@ -165,30 +165,15 @@ class Worker:
             pause = min(pause * 2, RECORD_RETRY_MAX)
 
     def _execute(self, job: Job) -> Outcome:
-        if self._store.cancel_requested(job.request_id):
+        if self.cancel_requested(job.request_id):
             raise GenerationCancelled
-        endpoint = BY_APP_ID[job.app_id]
-        params = generation_params(endpoint.input_model.model_validate(job.input))
-        image = None
-        if params.image_url is not None:
-            image = ImageInput(params.image_url, self._load_image_logged(job.request_id))
-        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-        generation = GenerationJob(
-            prompt=params.prompt,
-            image=image,
-            aspect_ratio=params.aspect_ratio,
-            num_images=params.num_images,
-            seed=seed,
-            guidance_scale=params.guidance_scale,
-            num_inference_steps=params.num_inference_steps,
-            output_format=params.output_format,
-            safety_tolerance=params.safety_tolerance,
-            enhance_prompt=params.enhance_prompt,
-            acceleration=params.acceleration,
+        generation = generation_job(
+            BY_APP_ID[job.app_id].input_model.model_validate(job.input),
+            self._load_image_logged(job.request_id),
             model=self._models(job.app_id) or None,
         )
         generated = self._backend.generate(generation, RequestProgress(self, job.request_id))
-        return self._store_images(job, params, seed, generated)
+        return self._store_images(job, generation, generated)
 
     def _load_image_logged(self, request_id: str) -> ImageLoader:
         def load(url: str) -> Image.Image:
@@ -208,56 +193,77 @@ class Worker:
             except Exception as error:  # a full disk or a busy database: try again at the next beat
                 log.warning("lease renewal failed", extra={"request_id": request_id, "reason": str(error)})
 
-    def _store_images(self, job: Job, params: GenerationParams, seed: int, generated: Generated) -> Outcome:
+    def _store_images(self, job: Job, generation: GenerationJob, generated: Generated) -> Outcome:
         described, keys = [], []
         for index, image in enumerate(generated.images):
             if isinstance(image, EncodedImage):  # an upstream's file: stored as it came, not re-encoded
                 data, content_type = image.data, image.content_type
             else:
                 data, content_type = (
-                    encode_image(image, params.output_format),
-                    CONTENT_TYPES[params.output_format],
+                    encode_image(image, generation.output_format),
+                    CONTENT_TYPES[generation.output_format],
                 )
-            extension = EXTENSIONS.get(content_type, params.output_format)
-            if params.sync_mode:
-                url = data_uri(data, content_type)
-            else:
+            extension = EXTENSIONS.get(content_type, generation.output_format)
+            where: dict[str, str]
+            if generation.sync_mode:
+                where = {"url": data_uri(data, content_type)}
+            else:  # the key only: its URL is rendered per response (kontextd.storage.urls)
                 key = output_key(job.request_id, index, extension)
-                url = self._put(key, data, content_type, keys)
+                self._put(key, data, content_type, keys)
                 keys.append(key)
+                where = {KEY_FIELD: key}
             described.append(
-                {"url": url, "width": image.width, "height": image.height, "content_type": content_type}
+                where | {"width": image.width, "height": image.height, "content_type": content_type}
             )
         output = {
             "images": described,
             "timings": {"inference": round(generated.inference_seconds, 4)},
-            "seed": seed,
+            "seed": generation.seed,
             "has_nsfw_concepts": generated.has_nsfw_concepts,
-            "prompt": params.prompt,
+            "prompt": generation.prompt,
         }
         return outcomes.succeeded(output, generated.inference_seconds, tuple(keys), generated.served_by)
 
-    def _put(self, key: str, data: bytes, content_type: str, written: list[str]) -> str:
-        """Store one image; out of space, remove this run's earlier images and raise StorageFull."""
+    def _put(self, key: str, data: bytes, content_type: str, written: list[str]) -> None:
+        """Store one image; when the storage cannot take it, remove this run's earlier images (a re-run
+        writes them again; a request given up leaves nothing behind) and let StorageUnavailable through."""
         try:
-            return self._storage.put(key, data, content_type)
-        except OSError as error:
-            if error.errno not in STORAGE_FULL_ERRNOS:
-                raise
-            for earlier in written:  # a re-run writes them again; a request given up leaves nothing behind
-                try:
-                    self._storage.delete(earlier)
-                except OSError:
-                    log.warning("could not remove a partial output", extra={"key": earlier})
-            raise StorageFull(
-                f"{errno.errorcode.get(error.errno or 0, error.errno)}: {error.strerror}"
-            ) from error
+            self._storage.put(key, data, content_type)
+        except StorageUnavailable:
+            try:
+                self._storage.delete(written)
+            except (OSError, StorageUnavailable):  # the sweep cannot know of them: said, not retried
+                log.warning("could not remove partial outputs", extra={"keys": written})
+            raise
+
+    def _store_down(self) -> bool:
+        return time.monotonic() < self._store_retry_at
+
+    def _store_failed(self) -> None:
+        self._store_retry_at = time.monotonic() + STORE_RETRY_SECONDS
+
+    def cancel_requested(self, request_id: str) -> bool:
+        """Whether the client cancelled; False while the store cannot answer (a database restarting): the
+        request runs on rather than failing, and a later step asks again."""
+        if self._store_down():
+            return False
+        try:
+            return self._store.cancel_requested(request_id)
+        except StoreUnavailable as error:
+            self._store_failed()
+            log.warning(
+                "cannot read the cancel flag now", extra={"request_id": request_id, "reason": str(error)}
+            )
+            return False
 
     def _log(self, request_id: str, message: str, level: str = "INFO") -> None:
         """A line in the request's own logs: best effort, so a full disk never stops or fails a request."""
+        if self._store_down():
+            return
         try:
             self._store.append_log(request_id, message, level, time.time())
         except StoreUnavailable as error:
+            self._store_failed()
             if not self._dropping_logs:
                 log.warning(
                     "request log lines are being dropped",
@@ -286,7 +292,7 @@ class RequestProgress:
 
     def cancelled(self) -> bool:
         """The client cancelled, or the server is stopping: either way the backend stops between steps."""
-        return self._worker._stop.is_set() or self._worker._store.cancel_requested(self._request_id)
+        return self._worker._stop.is_set() or self._worker.cancel_requested(self._request_id)
 
 
 def _image_error(error: FetchError, url: str) -> Outcome:
