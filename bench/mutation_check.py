@@ -274,8 +274,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "api-endpoints-listing-unauthenticated",
         APP_PY,
-        "def endpoints(services: ServicesDep, owner: Owner)",
-        "def endpoints(services: ServicesDep)",
+        "async def endpoints(services: ServicesDep, owner: Owner)",
+        "async def endpoints(services: ServicesDep)",
         "/v1/endpoints answers without a key",
         _node(AUTH, "test_endpoint_listing_needs_a_key"),
     ),

@@ -40,7 +40,7 @@ def _chunks(stream: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
             yield chunk
 
 
-def health(services: ServicesDep) -> JSONResponse:
+async def health(services: ServicesDep) -> JSONResponse:
     """Readiness: loading, ready or failed (with why); also what `kontextd worker --health-port` serves."""
     body = services.readiness.describe() | {
         "workers": len(services.workers),
@@ -56,7 +56,7 @@ HEALTH_ROUTE: dict[str, Any] = {
 }
 
 
-def endpoints(services: ServicesDep, owner: Owner) -> dict[str, list[dict[str, str | None]]]:
+async def endpoints(services: ServicesDep, owner: Owner) -> dict[str, list[dict[str, str | None]]]:
     listed = []
     for endpoint in ENDPOINTS:
         route = services.routing.route(endpoint.app_id)
@@ -80,7 +80,7 @@ def endpoints(services: ServicesDep, owner: Owner) -> dict[str, list[dict[str, s
     return {"endpoints": listed}
 
 
-def jwks(services: ServicesDep) -> dict[str, object]:
+async def jwks(services: ServicesDep) -> dict[str, object]:
     return services.signer.jwks()
 
 

@@ -12,13 +12,14 @@ from kontextd.api.auth import authorization_header
 from kontextd.api.services import Services
 
 
-def services_of(request: Request) -> Services:
+async def services_of(request: Request) -> Services:
+    # async, though it awaits nothing: FastAPI runs a plain `def` dependency in a thread, a hop per request.
     return request.app.state.services
 
 
 async def require_owner(request: Request, authorization: str | None = Security(authorization_header)) -> str:
     """The owner id of the caller's API key; 401 in fal's shape when it carries none that is valid."""
-    owner = services_of(request).authenticator.owner_for(authorization)
+    owner = (await services_of(request)).authenticator.owner_for(authorization)
     if owner is None:
         detail = "Missing or invalid API key: send 'Authorization: Key <key>' or 'Bearer <key>'"
         raise HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Key"})

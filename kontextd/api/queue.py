@@ -1,7 +1,10 @@
 """The fal queue API: submit, status, status stream, result and cancel — and the sync run route.
 
-Every store call runs off the event loop, one thread hop per response where it can be one: on SQLite a
-read is microseconds, but on a network database a read on the loop would stall every other client.
+Writes always run off the event loop (they wait on fsync or the network). Reads run off it too, one
+thread hop per response, on a store whose reads go over the network (PostgreSQL): a read on the loop
+would stall every other client. On a store whose reads are local index seeks of microseconds (SQLite's
+`quick_reads`) they run on the loop: there a thread hop costs more than the read, and on two cores the
+hand-over of the interpreter lock between threads halved status-poll throughput (docs/performance.md).
 """
 
 import json
@@ -10,7 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -35,6 +38,8 @@ from kontextd.catalogue.schemas import HTTP_URL_PATTERN, KontextOutput, QueueEnv
 from kontextd.fetch.guard import FetchError, GuardedFetcher
 from kontextd.jobs.model import CancelResult, Job, JobSummary, NewJob, Priority, State
 from kontextd.jobs.store import StoreUnavailable
+
+T = TypeVar("T")
 
 RUN_PREFIX = "/run"  # the run host is this server under /run; the queue host is the server root
 POLL_FALLBACK_SECONDS = 1.0  # re-read state this often even without a wake-up (changes made elsewhere)
@@ -97,6 +102,13 @@ async def _webhook(url: str | None, fetcher: GuardedFetcher) -> str | None:
     return url
 
 
+async def _read(services: Services, function: Callable[..., T], *args: Any) -> T:
+    """Run a store read where it costs least: on the loop for quick local reads, else in a thread."""
+    if services.store.quick_reads:
+        return function(*args)
+    return await run_in_threadpool(function, *args)
+
+
 def _base_url(services: Services, request: Request) -> str:
     """Where this client reached us: our URLs in the response name the same origin (or --public-url)."""
     return services.urls.base(str(request.base_url))
@@ -155,7 +167,7 @@ async def _wait_until_completed(services: Services, request_id: str, owner: str)
     while True:
         waiter = feed.watch(request_id)  # before reading: a change in between is not missed
         try:
-            job = await run_in_threadpool(_finished, services, request_id, owner)
+            job = await _read(services, _finished, services, request_id, owner)
         except StoreUnavailable:  # the database restarting: the request is safe, keep waiting for it
             job = None
         if job is not None:
@@ -311,8 +323,8 @@ async def status(
     logs: LogsFlag = None,
 ) -> JSONResponse:
     base = _base_url(services, request)
-    found = await run_in_threadpool(
-        _status_of, services, base, app_owner, app_alias, request_id, owner, logs in ("1", "true")
+    found = await _read(
+        services, _status_of, services, base, app_owner, app_alias, request_id, owner, logs in ("1", "true")
     )
     if found is None:
         return JSONResponse(NOT_FOUND, status_code=404)
@@ -338,7 +350,7 @@ async def stream(
     owner: Owner,
     logs: LogsFlag = None,
 ) -> StreamingResponse | JSONResponse:
-    if await run_in_threadpool(_find, services, app_owner, app_alias, request_id, owner) is None:
+    if await _read(services, _find, services, app_owner, app_alias, request_id, owner) is None:
         return JSONResponse(NOT_FOUND, status_code=404)
     with_logs = logs in ("1", "true")
     base = _base_url(services, request)
@@ -354,8 +366,8 @@ async def stream(
             # on a timeout: a lost wake-up delays an event, never drops it.
             waiter = feed.watch(request_id)
             try:
-                found = await run_in_threadpool(
-                    _status_of, services, base, app_owner, app_alias, request_id, None, with_logs
+                found = await _read(
+                    services, _status_of, services, base, app_owner, app_alias, request_id, None, with_logs
                 )
             except StoreUnavailable:  # the database restarting: keep the stream alive, ask again shortly
                 if time.monotonic() - last_write >= ping_interval:
@@ -402,7 +414,7 @@ def _result_of(
 async def result(
     request: Request, request_id: str, app_owner: str, app_alias: str, services: ServicesDep, owner: Owner
 ) -> JSONResponse:
-    job = await run_in_threadpool(_result_of, services, app_owner, app_alias, request_id, owner)
+    job = await _read(services, _result_of, services, app_owner, app_alias, request_id, owner)
     if job is None:
         return JSONResponse(NOT_FOUND, status_code=404)
     if isinstance(job, Job):

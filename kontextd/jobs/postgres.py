@@ -272,6 +272,7 @@ class _Transaction:
 
 class PostgresJobStore:
     shared = True
+    quick_reads = False  # see JobStore.quick_reads
 
     def __init__(self, dsn: str, pool_size: int = POOL_SIZE) -> None:
         self._conninfo = _conninfo(dsn)

@@ -225,6 +225,7 @@ class SQLiteJobStore:
     # One process owns the file (see the lock): whatever runs or is in flight at start-up was the dead
     # previous process's, and this process wakes its own waiters (listen() has nothing to add).
     shared = False
+    quick_reads = True  # see JobStore.quick_reads
 
     def __init__(self, path: Path, pool_size: int = POOL_SIZE) -> None:
         self._path = path

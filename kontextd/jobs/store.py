@@ -40,6 +40,9 @@ class JobStore(Protocol):
     # True when several processes use the store at once (PostgreSQL): then nothing may assume that a
     # running job or an in-flight webhook belongs to a dead process; their leases and deadlines decide.
     shared: bool
+    # True when reads are local index seeks of microseconds (SQLite): the API makes them on its event loop,
+    # where a thread hop would cost more than the read. False (PostgreSQL): reads go to threads.
+    quick_reads: bool
 
     def submit(self, job: NewJob) -> int:
         """Persist a new queued job; returns its queue position (0 = next to run)."""
