@@ -679,6 +679,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/test_scale_out.py::test_what_one_node_accepts_every_node_serves_and_a_kill9_loses_nothing",
     ),
     M(
+        "worker-storage-retry-not-held",
+        RUNNER_PY,
+        "self._stop.wait(self.storage_pause(tries))",
+        "self._stop.wait(0)",
+        "a request whose images could not be stored is handed back at once: a short outage uses its tries",
+        "tests/test_scale_out.py::test_s3_down_for_a_while_never_completes_a_request_without_its_images",
+    ),
+    M(
         "server-embedded-key-in-database",
         "kontextd/server.py",
         "    if store.shared:\n        return WebhookSigner.from_pem(",

@@ -136,6 +136,10 @@ def completed(client: httpx.Client, request_id: str, timeout: float = 90) -> dic
     return wait_for(lambda: (body := status(client, request_id))["status"] == "COMPLETED" and body, timeout)
 
 
+def at(line: dict[str, Any]) -> float:
+    return datetime.fromisoformat(line["timestamp"]).timestamp()
+
+
 def messages(client: httpx.Client, request_id: str) -> list[str]:
     return [line["message"] for line in status(client, request_id, logs=True)["logs"]]
 
@@ -226,7 +230,7 @@ def test_what_one_node_accepts_every_node_serves_and_a_kill9_loses_nothing(
             ).fetchone()
         assert row == (2, 1)
         requeued_at = next(
-            datetime.fromisoformat(line["timestamp"]).timestamp()
+            at(line)
             for line in status(other, victim_request, logs=True)["logs"]
             if line["message"] == REQUEUED_LEASE
         )
@@ -329,6 +333,16 @@ def test_s3_down_for_a_while_never_completes_a_request_without_its_images(
             s3_server.start()
         ended = completed(client, request_id, timeout=90)
         assert "error" not in ended, ended
+        # Each try that could not store its images was held before it was handed back, for 1 s, 2 s, …
+        # (doubling with the request's own failures), so one short outage cannot use up all its tries.
+        lines = status(client, request_id, logs=True)["logs"]
+        handed_back = [index for index, line in enumerate(lines) if "queued again" in line["message"]]
+        assert handed_back, lines
+        for count, index in enumerate(handed_back, start=1):
+            last_step = lines[index - 1]
+            assert last_step["message"] == f"step {STEPS}/{STEPS}", lines
+            held = at(lines[index]) - at(last_step)
+            assert held >= 2 ** (count - 1) - 0.2, (count, held)
         (image,) = client.get(result_path(request_id)).json()["images"]
         downloaded = client.get(image["url"])
         assert downloaded.status_code == 200 and downloaded.content[:2] == b"\xff\xd8"  # a JPEG

@@ -19,6 +19,7 @@ from kontextd.backends.base import (
 from kontextd.catalogue.endpoints import BY_APP_ID, generation_job
 from kontextd.fetch.guard import FetchError
 from kontextd.jobs import outcomes
+from kontextd.jobs.lifecycle import MAX_STORAGE_FAILURES
 from kontextd.jobs.model import Job, Outcome, Release, State
 from kontextd.jobs.store import JobStore, StoreUnavailable
 from kontextd.storage.base import Storage, StorageUnavailable
@@ -76,8 +77,6 @@ class Worker:
                 if job is not None:
                     self._notify(job.request_id)
                     self.run(job)
-                    if self._storage_failures:  # the disk is full: no use claiming again at once
-                        stop.wait(self.storage_pause())
                     continue
             except StoreUnavailable as error:  # disk full or busy: try again shortly, no traceback each time
                 log.warning("cannot claim work now", extra={"reason": str(error)})
@@ -86,11 +85,15 @@ class Worker:
             self.wake.wait(timeout=1.0)
             self.wake.clear()
 
-    def storage_pause(self) -> float:
-        """Seconds to wait before the next claim after images could not be stored."""
-        if not self._storage_failures:
+    def storage_pause(self, request_failures: int = 0) -> float:
+        """Seconds to hold a request whose images could not be stored before handing it back: doubling
+        with this worker's failures in a row and with the request's own, so neither this worker (with
+        the next request) nor another one (with this request) tries again at once and spends all of a
+        request's tries within one short outage."""
+        failures = max(self._storage_failures, request_failures)
+        if not failures:
             return 0.0
-        return min(STORAGE_PAUSE_FIRST * 2 ** (self._storage_failures - 1), STORAGE_PAUSE_MAX)
+        return min(STORAGE_PAUSE_FIRST * 2 ** (failures - 1), STORAGE_PAUSE_MAX)
 
     def run(self, job: Job) -> None:
         started = time.perf_counter()
@@ -101,6 +104,9 @@ class Worker:
         heartbeat.start()
         try:
             ending = self._ending(job)
+            tries = job.storage_failures + 1
+            if ending is Release.STORAGE_FULL and tries < MAX_STORAGE_FAILURES:  # the last try ends at once
+                self._stop.wait(self.storage_pause(tries))  # held, its lease renewed, then handed back
             # The lease is kept until the end is recorded: a store that is briefly unavailable (disk full)
             # must not make this request look abandoned.
             state = self._record(job, ending)
