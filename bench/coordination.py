@@ -40,7 +40,6 @@ import os
 import platform
 import queue
 import random
-import secrets
 import sqlite3
 import sys
 import tempfile
@@ -48,16 +47,17 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import psycopg
 from PIL import Image
-from psycopg.conninfo import conninfo_to_dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.*, when run as a script
+
+from bench.scratch_postgres import ADMIN_DSN, fresh_schema, throwaway_database
 from kontextd.backends.base import Generated, GenerationJob, Progress
 from kontextd.jobs.model import Job, NewJob, Outcome
 from kontextd.jobs.postgres import PostgresJobStore
@@ -69,51 +69,8 @@ from kontextd.worker.runner import Worker
 
 APP = "fal-ai/flux-pro/kontext/text-to-image"
 PROMPT_PREFIX = "coordination "  # the prompt carries the request id, so the backend can count runs
-ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 MODES = ("pg-threads", "pg-processes", "sqlite")
 LEASE_SECONDS = 60.0
-
-
-# -- PostgreSQL scaffolding (also used by bench/server_overhead.py) ------------------------------------
-
-
-def postgres_url(params: dict[str, Any], dbname: str, schema: str | None = None) -> str:
-    """A postgresql:// URL (what `--store` and open_store take) for `dbname` on the server `params`
-    describes, its connections seeing only `schema` when given."""
-    user = quote(str(params.get("user") or "postgres"), safe="")
-    password = params.get("password")
-    credentials = f"{user}:{quote(str(password), safe='')}" if password else user
-    host, port = params.get("host") or "127.0.0.1", params.get("port") or 5432
-    url = f"postgresql://{credentials}@{host}:{port}/{dbname}"
-    return url + (f"?options=-csearch_path%3D{schema}" if schema else "")
-
-
-@contextlib.contextmanager
-def throwaway_database(admin_dsn: str = ADMIN_DSN) -> Iterator[str]:
-    """A new database `kontextd_bench_<random>` on the admin DSN's server, as a URL; dropped at the end."""
-    name = f"kontextd_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres_url(conninfo_to_dict(admin_dsn), name)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
-def fresh_schema(database_url: str) -> Iterator[str]:
-    """A new, empty schema in the database, as a URL whose connections see only it; dropped at the end."""
-    schema = f"bench_{secrets.token_hex(5)}"
-    with psycopg.connect(database_url, autocommit=True) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    params = conninfo_to_dict(database_url)
-    try:
-        yield postgres_url(params, str(params["dbname"]), schema)
-    finally:
-        with psycopg.connect(database_url, autocommit=True) as admin:
-            admin.execute("SET lock_timeout = '10s'")
-            admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 def postgres_version(url: str) -> str:

@@ -27,7 +27,6 @@ client's own cost; the side-by-side ratios are the point.
 import argparse
 import asyncio
 import contextlib
-import itertools
 import os
 import platform
 import re
@@ -45,20 +44,14 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # bench.coordination, when run as a script
 
-from bench.coordination import (  # noqa: E402
-    ADMIN_DSN,
-    fresh_schema,
-    machine,
-    postgres_version,
-    throwaway_database,
-)
+from bench.coordination import machine, postgres_version  # noqa: E402
+from bench.scratch_postgres import ADMIN_DSN, bulk, fresh_schema, throwaway_database  # noqa: E402
 from kontextd.jobs.model import NewJob  # noqa: E402
 from kontextd.jobs.sqlite import SQLiteJobStore  # noqa: E402
 from kontextd.jobs.store import JobStore  # noqa: E402
@@ -160,45 +153,6 @@ class StoreKind:
 
         with fresh_schema(self._database) as url:
             yield Fresh(data_dir, url, lambda: PostgresJobStore(url))
-
-
-@contextlib.contextmanager
-def bulk(store: JobStore, per_commit: int = 1000) -> Iterator[None]:
-    """Many submits per transaction (one commit per `per_commit`, not one each), through submit itself,
-    as tests/test_job_store.py's bulk helpers do: tickets and positions are the store's own."""
-    from kontextd.jobs.postgres import PostgresJobStore, _Transaction
-
-    uses = itertools.count(1)
-    if isinstance(store, SQLiteJobStore):
-        with store._pool.connection() as connection:
-
-            def write_sqlite() -> AbstractContextManager[Any]:
-                if next(uses) % per_commit == 0:
-                    connection.execute("COMMIT")
-                    connection.execute("BEGIN IMMEDIATE")
-                return contextlib.nullcontext(connection)
-
-            connection.execute("BEGIN IMMEDIATE")
-            with mock.patch.object(store, "_write", write_sqlite):
-                yield
-            connection.execute("COMMIT")
-        return
-    assert isinstance(store, PostgresJobStore)
-    with store._connection() as connection:
-        transaction = _Transaction(connection)
-
-        def write_postgres() -> AbstractContextManager[Any]:
-            if next(uses) % per_commit == 0:
-                transaction.send_notifications()
-                connection.execute("COMMIT")
-                connection.execute("BEGIN")
-            return contextlib.nullcontext(transaction)
-
-        connection.execute("BEGIN")
-        with mock.patch.object(store, "_write", write_postgres):
-            yield
-        transaction.send_notifications()
-        connection.execute("COMMIT")
 
 
 def prefill(store: JobStore, count: int) -> list[str]:

@@ -17,7 +17,6 @@ import contextlib
 import glob
 import os
 import pwd
-import secrets
 import shutil
 import socket
 import subprocess
@@ -25,51 +24,32 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
-ADMIN_DSN = os.environ.get("KONTEXTD_TEST_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+from bench import scratch_postgres
+from bench.scratch_postgres import fresh_schema, throwaway_database
 
-
-def _url(params: dict[str, object], dbname: str, schema: str | None = None) -> str:
-    """A postgresql:// URL (what open_store takes) for `dbname` on the server `params` describes."""
-    user = quote(str(params.get("user") or "postgres"), safe="")
-    password = params.get("password")
-    credentials = f"{user}:{quote(str(password), safe='')}" if password else user
-    host, port = params.get("host") or "127.0.0.1", params.get("port") or 5432
-    url = f"postgresql://{credentials}@{host}:{port}/{dbname}"
-    return url + (f"?options=-csearch_path%3D{schema}" if schema else "")
+ADMIN_DSN = os.environ.get("KONTEXTD_TEST_POSTGRES", scratch_postgres.ADMIN_DSN)
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """This session's own database on the machine's PostgreSQL, as a URL; skips the test when none answers."""
     try:
-        admin = psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3)
+        psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=3).close()
     except psycopg.OperationalError as error:
         pytest.skip(f"no PostgreSQL for the tests ({ADMIN_DSN}): {str(error).strip().splitlines()[0]}")
-    name = f"kontextd_test_{os.getpid()}_{secrets.token_hex(3)}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield _url(conninfo_to_dict(ADMIN_DSN), name)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_database(ADMIN_DSN, prefix=f"kontextd_test_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture
 def pg_dsn(pg_server: str) -> Iterator[str]:
     """A URL whose connections see a fresh, empty schema of this test's own (dropped afterwards)."""
-    schema = f"test_{secrets.token_hex(6)}"
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute(f"CREATE SCHEMA {schema}")
-    yield _url(conninfo_to_dict(pg_server), conninfo_to_dict(pg_server)["dbname"], schema)
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute("SET lock_timeout = '10s'")  # a store the test left open and busy must not hang us
-        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    with fresh_schema(pg_server, prefix="test") as url:
+        yield url
 
 
 def _postgres_bin() -> Path | None:

@@ -9,7 +9,6 @@ in tests/test_postgres_store.py.
 """
 
 import contextlib
-import itertools
 import json
 import os
 import random
@@ -25,10 +24,11 @@ from unittest import mock
 
 import pytest
 
+from bench.scratch_postgres import bulk
 from kontextd.jobs import outcomes
 from kontextd.jobs.lifecycle import MAX_FAILURES, MAX_INTERRUPTIONS, MAX_STORAGE_FAILURES
 from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Priority, Release, State
-from kontextd.jobs.postgres import PostgresJobStore, _Transaction
+from kontextd.jobs.postgres import PostgresJobStore
 from kontextd.jobs.sqlite import POOL_SIZE, DataDirInUse, SQLiteJobStore
 from kontextd.jobs.store import JobStore, StoreUnavailable
 
@@ -55,48 +55,13 @@ def _postgres_opener(request: pytest.FixtureRequest) -> StoreOpener:
     return lambda: PostgresJobStore(dsn)
 
 
-@contextlib.contextmanager
-def _sqlite_bulk(store: JobStore) -> Iterator[None]:
-    """Run many submits in one transaction (one fsync instead of thousands), through submit itself."""
-    assert isinstance(store, SQLiteJobStore)
-    with store._pool.connection() as connection:
-        connection.execute("BEGIN IMMEDIATE")
-        with mock.patch.object(store, "_write", lambda: contextlib.nullcontext(connection)):
-            yield
-        connection.execute("COMMIT")
-
-
-@contextlib.contextmanager
-def _postgres_bulk(store: JobStore, per_commit: int = 1000) -> Iterator[None]:
-    """Run many submits per transaction (one commit per thousand instead of one each), through submit
-    itself. Not all of them in one: PostgreSQL keeps every version of a row updated over and over in one
-    transaction (the ticket counter) until it ends, and each update walks them."""
-    assert isinstance(store, PostgresJobStore)
-    with store._connection() as connection:
-        transaction = _Transaction(connection)
-        uses = itertools.count(1)
-
-        def write() -> contextlib.AbstractContextManager[_Transaction]:
-            if next(uses) % per_commit == 0:
-                transaction.send_notifications()
-                connection.execute("COMMIT")
-                connection.execute("BEGIN")
-            return contextlib.nullcontext(transaction)
-
-        connection.execute("BEGIN")
-        with mock.patch.object(store, "_write", write):
-            yield
-        transaction.send_notifications()
-        connection.execute("COMMIT")
-
-
 STORES: dict[str, Callable[[pytest.FixtureRequest], StoreOpener]] = {
     "sqlite": _sqlite_opener,
     "postgres": _postgres_opener,
 }
 BULK: dict[str, Callable[[JobStore], contextlib.AbstractContextManager[None]]] = {
-    "sqlite": _sqlite_bulk,
-    "postgres": _postgres_bulk,
+    "sqlite": bulk,  # many submits per transaction, through submit itself
+    "postgres": bulk,
 }
 
 
