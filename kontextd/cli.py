@@ -78,8 +78,8 @@ def _add_work_flags(add: Callable[..., object]) -> None:
     add(
         "--public-url",
         default=_env("PUBLIC_URL"),
-        help="base of the URLs handed to clients, e.g. https://kontext.example.com "
-        "(default: the bound address) [KONTEXTD_PUBLIC_URL]",
+        help="base of the URLs handed to clients, e.g. https://kontext.example.com (default: the origin "
+        "each client called; webhooks and workers use the bound address) [KONTEXTD_PUBLIC_URL]",
     )
     add(
         "--config",
