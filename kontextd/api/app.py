@@ -8,6 +8,7 @@ from typing import Any, BinaryIO
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.telemetry import TelemetryConfig
 from fastapi_offline import FastAPIOffline
 
 from kontextd import __version__
@@ -22,6 +23,10 @@ from kontextd.api.services import Services
 from kontextd.catalogue.endpoints import ENDPOINTS
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+# FastAPI's native OpenTelemetry looks up the global providers on every request (5 % of a status poll's
+# CPU, docs/performance.md) even when none is configured. kontextd does not use it.
+NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 DESCRIPTION = """
 Self-hosted FLUX.1 Kontext speaking the fal.ai queue API.
@@ -106,10 +111,12 @@ def create_app(services: Services, lifespan: Lifespan | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         redirect_slashes=False,
+        telemetry=NO_TELEMETRY,
     )
     app.state.services = services
     install_error_handlers(app)
     install_openapi(app)
+    app.include_router(queue.polls)  # first: the routes asked most are matched first
     app.include_router(queue.router)
     app.add_api_route("/health", health, methods=["GET"], **HEALTH_ROUTE)
     app.add_api_route(

@@ -17,13 +17,17 @@ async def services_of(request: Request) -> Services:
     return request.app.state.services
 
 
-async def require_owner(request: Request, authorization: str | None = Security(authorization_header)) -> str:
+def owner_of(services: Services, authorization: str | None) -> str:
     """The owner id of the caller's API key; 401 in fal's shape when it carries none that is valid."""
-    owner = (await services_of(request)).authenticator.owner_for(authorization)
+    owner = services.authenticator.owner_for(authorization)
     if owner is None:
         detail = "Missing or invalid API key: send 'Authorization: Key <key>' or 'Bearer <key>'"
         raise HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Key"})
     return owner
+
+
+async def require_owner(request: Request, authorization: str | None = Security(authorization_header)) -> str:
+    return owner_of(request.app.state.services, authorization)
 
 
 ServicesDep = Annotated[Services, Depends(services_of)]

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from kontextd.api.deps import Owner, ServicesDep
 from kontextd.api.json_body import JsonRoute
+from kontextd.api.lean_route import LeanRoute
 from kontextd.api.responses import (
     CANCEL_RESPONSES,
     RESULT_RESPONSES,
@@ -305,8 +306,11 @@ def _status_of(
 REQUESTS_PATH = "/{app_owner}/{app_alias}/requests/{request_id}"
 NOT_FOUND = {"detail": "Request not found"}
 
+# What clients poll (status, its stream, result) and cancel: lean routes, matched before the submit routes.
+polls = APIRouter(route_class=LeanRoute)
 
-@router.get(
+
+@polls.get(
     REQUESTS_PATH + "/status",
     tags=["queue"],
     summary="Request status",
@@ -333,7 +337,7 @@ async def status(
     return JSONResponse(body, status_code=code, headers={"x-fal-request-id": job.request_id})
 
 
-@router.get(
+@polls.get(
     REQUESTS_PATH + "/status/stream",
     tags=["queue"],
     summary="Request status as server-sent events",
@@ -404,7 +408,7 @@ def _result_of(
     return services.store.get(request_id, owner)
 
 
-@router.get(
+@polls.get(
     REQUESTS_PATH,
     tags=["queue"],
     summary="Request result",
@@ -431,7 +435,7 @@ def _cancel(services: Services, app_owner: str, app_alias: str, request_id: str,
     return services.store.cancel(request_id, owner, time.time())
 
 
-@router.put(
+@polls.put(
     REQUESTS_PATH + "/cancel",
     tags=["queue"],
     summary="Cancel a request",
