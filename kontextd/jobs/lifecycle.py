@@ -73,3 +73,9 @@ RELEASES = {
         not_retried=lambda: outcomes.storage_error(1),
     ),
 }
+
+# The Job counters (store columns) the reasons above add to: the only column names a store's counting
+# statement is ever made with.
+COUNTERS: tuple[str, ...] = tuple(
+    dict.fromkeys(why.counter for why in (LEASE_LAPSED, INTERRUPTED, *RELEASES.values()) if why.counter)
+)

@@ -30,7 +30,6 @@ round-trip than jsonb; nothing queries inside them); webhook bodies are bytea.
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import select
@@ -45,7 +44,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from kontextd.jobs import lifecycle, outcomes, rows
+from kontextd.jobs import lifecycle, outcomes, rows, statements
 from kontextd.jobs.model import (
     CancelResult,
     DueWebhook,
@@ -149,11 +148,7 @@ LISTEN_RETRY_SECONDS = (0.2, 2.0)  # the listener's reconnection backoff: first 
 JOB_CHANNEL = "kontextd_job"  # payload: the request id of a job that changed
 LANE_CHANNEL = "kontextd_lane"  # payload: a lane work was queued in
 
-# What deciding about a job needs, without its input and result bodies (possibly megabytes).
-_CONTROL_COLUMNS = (
-    "request_id, gateway_request_id, owner, lane, state, priority, ticket, start_deadline, worker_id,"
-    " webhook_url, output_ttl, cancel_requested, no_retry, failures, interruptions, storage_failures"
-)
+_SQL = statements.Statements(statements.POSTGRES)  # what this store runs as the SQLite one does
 
 
 def _position_sql(lane: str, priority: str, ticket: str) -> str:
@@ -385,11 +380,7 @@ class PostgresJobStore:
 
     @staticmethod
     def _leave_queue(transaction: _Transaction, row: Mapping[str, Any]) -> None:
-        transaction.execute(
-            "INSERT INTO kontextd_queue_holes (lane, priority, ticket) VALUES (%s, %s, %s)"
-            " ON CONFLICT DO NOTHING",
-            (row["lane"], row["priority"], row["ticket"]),
-        )
+        transaction.execute(_SQL.leave_queue, (row["lane"], row["priority"], row["ticket"]))
 
     @staticmethod
     def _prune_holes(transaction: _Transaction) -> None:
@@ -422,25 +413,9 @@ class PostgresJobStore:
                 " VALUES (%(lane)s, %(priority)s, 1)"
                 " ON CONFLICT (lane, priority) DO UPDATE SET next_ticket = counter.next_ticket + 1"
                 " RETURNING counter.next_ticket - 1 AS ticket)"
-                " INSERT INTO kontextd_jobs (request_id, gateway_request_id, app_id, owner, lane, input_json,"
-                " state, priority, ticket, created_at, start_deadline, no_retry, webhook_url, output_ttl)"
-                " SELECT %(request_id)s, %(gateway_request_id)s, %(app_id)s, %(owner)s, %(lane)s, %(input)s,"
-                " 'IN_QUEUE', %(priority)s, allocated.ticket, %(created_at)s, %(start_deadline)s,"
-                " %(no_retry)s, %(webhook_url)s, %(output_ttl)s FROM allocated RETURNING ticket",
-                {
-                    "request_id": job.request_id,
-                    "gateway_request_id": job.gateway_request_id,
-                    "app_id": job.app_id,
-                    "owner": job.owner,
-                    "lane": job.lane,
-                    "input": json.dumps(job.input),
-                    "priority": int(job.priority),
-                    "created_at": time.time(),
-                    "start_deadline": job.start_deadline,
-                    "no_retry": job.no_retry,
-                    "webhook_url": job.webhook_url,
-                    "output_ttl": job.output_ttl_seconds,
-                },
+                f" INSERT INTO kontextd_jobs ({statements.NEW_JOB_COLUMNS})"
+                f" SELECT {_SQL.new_job_values('allocated.ticket')} FROM allocated RETURNING ticket",
+                statements.new_job_params(job, time.time()),
             ).fetchone()
             assert row is not None
             transaction.changed(job.request_id)
@@ -449,20 +424,14 @@ class PostgresJobStore:
 
     def get(self, request_id: str, owner: str | None = None) -> Job | None:
         with self._read() as connection:
-            row = connection.execute(
-                "SELECT * FROM kontextd_jobs WHERE request_id = %s", (request_id,)
-            ).fetchone()
+            row = connection.execute(_SQL.job, (request_id,)).fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return rows.job(row)
 
     def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
         with self._read() as connection:
-            row = connection.execute(
-                "SELECT request_id, app_id, owner, state, outcome_json, output_expired FROM kontextd_jobs"
-                " WHERE request_id = %s",
-                (request_id,),
-            ).fetchone()
+            row = connection.execute(_SQL.summary, (request_id,)).fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return rows.summary(row)
@@ -484,7 +453,8 @@ class PostgresJobStore:
                 # The head of the lane that nobody else holds: a concurrent claimer skips past the row we
                 # lock here instead of waiting for our commit.
                 row = transaction.execute(
-                    f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE state = 'IN_QUEUE' AND lane = %s"
+                    f"SELECT {statements.CONTROL_COLUMNS} FROM kontextd_jobs"
+                    " WHERE state = 'IN_QUEUE' AND lane = %s"
                     " ORDER BY priority, ticket LIMIT 1 FOR UPDATE SKIP LOCKED",
                     (lane,),
                 ).fetchone()
@@ -495,9 +465,7 @@ class PostgresJobStore:
                     self._finish(transaction, row, outcomes.timed_out(), now)
                     continue
                 claimed = transaction.execute(
-                    "UPDATE kontextd_jobs SET state = 'IN_PROGRESS', worker_id = %s, lease_expires_at = %s,"
-                    " started_at = %s, attempts = attempts + 1 WHERE request_id = %s RETURNING *",
-                    (worker_id, now + lease_seconds, now, row["request_id"]),
+                    _SQL.start, (worker_id, now + lease_seconds, now, row["request_id"])
                 ).fetchone()
                 assert claimed is not None
                 transaction.changed(row["request_id"])
@@ -507,11 +475,7 @@ class PostgresJobStore:
         # One statement, atomic by itself (autocommit). Not announced: a heartbeat changes nothing a
         # waiter looks at.
         with self._connection() as connection:
-            cursor = connection.execute(
-                "UPDATE kontextd_jobs SET lease_expires_at = %s WHERE request_id = %s AND worker_id = %s"
-                " AND state = 'IN_PROGRESS'",
-                (now + lease_seconds, request_id, worker_id),
-            )
+            cursor = connection.execute(_SQL.renew_lease, (now + lease_seconds, request_id, worker_id))
             return cursor.rowcount == 1
 
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
@@ -530,39 +494,15 @@ class PostgresJobStore:
     def _locked(transaction: _Transaction, request_id: str) -> dict[str, Any] | None:
         """The job's control columns, its row locked to the commit (waiting, up to the lock timeout, for a
         node that holds it): what we decide on cannot change under us."""
-        return transaction.execute(
-            f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE request_id = %s FOR UPDATE", (request_id,)
-        ).fetchone()
+        return transaction.execute(_SQL.control, (request_id,)).fetchone()
 
     def _finish(
         self, transaction: _Transaction, row: Mapping[str, Any], outcome: Outcome, now: float
     ) -> None:
         """End a job (its row locked by us) and queue its webhook in the same transaction."""
-        expires_at = now + row["output_ttl"] if row["output_ttl"] is not None else None
-        transaction.execute(
-            "UPDATE kontextd_jobs SET state = 'COMPLETED', completed_at = %s, outcome_json = %s,"
-            " result_json = %s, expires_at = %s, worker_id = NULL, lease_expires_at = NULL"
-            " WHERE request_id = %s",
-            (
-                now,
-                json.dumps(rows.outcome_fields(outcome)),
-                json.dumps(outcome.body),
-                expires_at,
-                row["request_id"],
-            ),
-        )
+        transaction.execute(_SQL.finish, statements.finish_params(row, outcome, now))
         if row["webhook_url"]:
-            transaction.execute(
-                "INSERT INTO kontextd_webhook_deliveries (request_id, url, user_id, body, next_attempt_at)"
-                " VALUES (%s, %s, %s, %s, %s)",
-                (
-                    row["request_id"],
-                    row["webhook_url"],
-                    row["owner"],
-                    outcomes.webhook_body(row["request_id"], row["gateway_request_id"], outcome),
-                    now,
-                ),
-            )
+            transaction.execute(_SQL.queue_webhook, statements.webhook_params(row, outcome, now))
         transaction.changed(row["request_id"])
 
     def cancel(self, request_id: str, owner: str, now: float) -> CancelResult:
@@ -576,17 +516,13 @@ class PostgresJobStore:
                 self._leave_queue(transaction, row)
                 self._finish(transaction, row, outcomes.cancelled(), now)
                 return CancelResult.CANCELLED
-            transaction.execute(
-                "UPDATE kontextd_jobs SET cancel_requested = true WHERE request_id = %s", (request_id,)
-            )
+            transaction.execute(_SQL.request_cancel, (request_id,))
             transaction.changed(request_id)
             return CancelResult.REQUESTED
 
     def cancel_requested(self, request_id: str) -> bool:
         with self._read() as connection:
-            row = connection.execute(
-                "SELECT cancel_requested FROM kontextd_jobs WHERE request_id = %s", (request_id,)
-            ).fetchone()
+            row = connection.execute(_SQL.cancel_requested, (request_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
     # -- logs ------------------------------------------------------------------------------------
@@ -594,8 +530,7 @@ class PostgresJobStore:
     def append_log(self, request_id: str, message: str, level: str, now: float) -> None:
         with self._write() as transaction:
             transaction.execute(
-                "INSERT INTO kontextd_job_logs (request_id, timestamp, level, message)"
-                " VALUES (%s, %s, %s, %s)",
+                _SQL.append_log,
                 # PostgreSQL text cannot hold NUL characters (SQLite's can): keep the line, mark the spot.
                 (request_id, now, level, message.replace("\x00", "\ufffd")),
             )
@@ -603,22 +538,15 @@ class PostgresJobStore:
 
     def logs(self, request_id: str) -> list[LogLine]:
         with self._read() as connection:
-            found = connection.execute(
-                "SELECT message, level, timestamp FROM kontextd_job_logs WHERE request_id = %s ORDER BY seq",
-                (request_id,),
-            ).fetchall()
-        return [LogLine(row["message"], row["level"], row["timestamp"]) for row in found]
+            found = connection.execute(_SQL.logs, (request_id,)).fetchall()
+        return [rows.log_line(row) for row in found]
 
     # -- housekeeping ----------------------------------------------------------------------------
 
     def expire_unstarted(self, now: float) -> int:
         with self._write() as transaction:
             # A row another node holds is being claimed or ended by it: skipped, not waited for.
-            found = transaction.execute(
-                f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE state = 'IN_QUEUE'"
-                " AND start_deadline IS NOT NULL AND start_deadline < %s ORDER BY seq FOR UPDATE SKIP LOCKED",
-                (now,),
-            ).fetchall()
+            found = transaction.execute(_SQL.unstarted, (now,)).fetchall()
             for row in found:
                 self._leave_queue(transaction, row)
                 self._finish(transaction, row, outcomes.timed_out(), now)
@@ -632,11 +560,7 @@ class PostgresJobStore:
             return 0
         with self._write() as transaction:
             # Several nodes may sweep at once: each lapsed lease is recovered by exactly one of them.
-            found = transaction.execute(
-                f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE state = 'IN_PROGRESS'"
-                " AND lease_expires_at < %s ORDER BY started_at, seq FOR UPDATE SKIP LOCKED",
-                (now,),
-            ).fetchall()
+            found = transaction.execute(_SQL.lapsed, (now,)).fetchall()
             for row in found:
                 self._requeue_or_end(transaction, row, now, lifecycle.LEASE_LAPSED)
             return len(found)
@@ -659,11 +583,7 @@ class PostgresJobStore:
         moved = 0
         with self._write() as transaction:
             for app_id, lane in lanes.items():
-                found = transaction.execute(
-                    f"SELECT {_CONTROL_COLUMNS} FROM kontextd_jobs WHERE state = 'IN_QUEUE' AND app_id = %s"
-                    " AND lane <> %s ORDER BY priority, ticket FOR UPDATE SKIP LOCKED",
-                    (app_id, lane),
-                ).fetchall()
+                found = transaction.execute(_SQL.misrouted, (app_id, lane)).fetchall()
                 for row in found:
                     self._leave_queue(transaction, row)
                     self._enqueue(transaction, row["request_id"], lane, row["priority"])
@@ -678,12 +598,7 @@ class PostgresJobStore:
         not run again."""
         count = row[why.counter] + 1 if why.counter else 0
         if why.counter:
-            transaction.execute(
-                sql.SQL("UPDATE kontextd_jobs SET {} = %s WHERE request_id = %s").format(
-                    sql.Identifier(why.counter)
-                ),
-                (count, row["request_id"]),
-            )
+            transaction.execute(_SQL.count[why.counter], (count, row["request_id"]))
         ending = why.ending(count, bool(row["cancel_requested"]), bool(row["no_retry"]))
         if ending is not None:
             self._finish(transaction, row, ending, now)
@@ -695,32 +610,20 @@ class PostgresJobStore:
             (row["request_id"],),
         )
         self._enqueue(transaction, row["request_id"], row["lane"], Priority.RETRY)
-        transaction.execute(
-            "INSERT INTO kontextd_job_logs (request_id, timestamp, level, message)"
-            " VALUES (%s, %s, 'WARN', %s)",
-            (row["request_id"], now, why.requeued),
-        )
+        transaction.execute(_SQL.requeued_log, (row["request_id"], now, why.requeued))
         return State.IN_QUEUE
 
     def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
         with self._read() as connection:
-            found = connection.execute(
-                "SELECT request_id, outcome_json FROM kontextd_jobs WHERE NOT output_expired"
-                " AND expires_at IS NOT NULL AND expires_at < %s LIMIT %s",
-                (now, limit),
-            ).fetchall()
-        return [(row["request_id"], rows.output_keys(row["outcome_json"])) for row in found]
+            found = connection.execute(_SQL.expired_outputs, (now, limit)).fetchall()
+        return [rows.expired_output(row) for row in found]
 
     def mark_output_expired(self, request_id: str) -> None:
         """Leave a tombstone: state and how it ended (status still answers, the result says 410); the
         input and result bodies and the logs go."""
         with self._write() as transaction:
-            transaction.execute(
-                "UPDATE kontextd_jobs SET output_expired = true, result_json = '{}', input_json = '{}'"
-                " WHERE request_id = %s",
-                (request_id,),
-            )
-            transaction.execute("DELETE FROM kontextd_job_logs WHERE request_id = %s", (request_id,))
+            transaction.execute(_SQL.mark_output_expired, (request_id,))
+            transaction.execute(_SQL.drop_logs, (request_id,))
             transaction.changed(request_id)
 
     def prune_records(self, expired_before: float, limit: int) -> int:
@@ -733,15 +636,10 @@ class PostgresJobStore:
                 " LIMIT %s FOR UPDATE SKIP LOCKED",
                 (expired_before, limit),
             ).fetchall()
-            names = [row["request_id"] for row in found]
-            for table in ("kontextd_job_logs", "kontextd_webhook_deliveries", "kontextd_jobs"):
-                transaction.execute(
-                    sql.SQL("DELETE FROM {} WHERE request_id = ANY(%s::text[])").format(
-                        sql.Identifier(table)
-                    ),
-                    (names,),
-                )
-            return len(names)
+            names = _SQL.dialect.bind_list([row["request_id"] for row in found])
+            for delete in _SQL.prune:
+                transaction.execute(delete, (names,))
+            return len(found)
 
     # -- webhooks --------------------------------------------------------------------------------
 
@@ -758,33 +656,23 @@ class PostgresJobStore:
             found = connection.execute(
                 query + " ORDER BY next_attempt_at, delivery_id LIMIT %s", (*params, limit)
             ).fetchall()
-        return [
-            DueWebhook(row["delivery_id"], row["request_id"], row["url"], row["next_attempt_at"])
-            for row in found
-        ]
+        return [rows.due_webhook(row) for row in found]
 
     def start_webhook(self, delivery_id: int, now: float, deadline: float) -> WebhookDelivery | None:
         # One conditional UPDATE: of nodes racing for the same try, the first takes the row lock and moves
         # the deadline on; the others re-check the condition on its new version and find it no longer due.
         with self._connection() as connection:
-            row = connection.execute(
-                "UPDATE kontextd_webhook_deliveries SET state = 'sending', next_attempt_at = %s"
-                " WHERE delivery_id = %s AND state IN ('pending', 'sending') AND next_attempt_at <= %s"
-                " RETURNING *",
-                (deadline, delivery_id, now),
-            ).fetchone()
+            row = connection.execute(_SQL.start_webhook, (deadline, delivery_id, now)).fetchone()
         return None if row is None else rows.delivery(row)
 
     def webhook_attempted(
         self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
     ) -> None:
-        state = "delivered" if delivered else ("pending" if next_attempt_at is not None else "failed")
+        state = statements.attempt_state(delivered, next_attempt_at)
         with self._connection() as connection:
             # A delivery that already ended stays as it ended: a late report must not count a try twice.
             connection.execute(
-                "UPDATE kontextd_webhook_deliveries SET attempts = attempts + 1, state = %s,"
-                " next_attempt_at = %s, last_error = %s WHERE delivery_id = %s"
-                " AND state IN ('pending', 'sending')",
+                _SQL.webhook_attempted,
                 (state, next_attempt_at, error.replace("\x00", "\ufffd") or None, delivery_id),
             )
 
@@ -805,10 +693,7 @@ class PostgresJobStore:
 
     def webhook_deliveries(self, request_id: str) -> list[WebhookDelivery]:
         with self._read() as connection:
-            found = connection.execute(
-                "SELECT * FROM kontextd_webhook_deliveries WHERE request_id = %s ORDER BY delivery_id",
-                (request_id,),
-            ).fetchall()
+            found = connection.execute(_SQL.webhook_deliveries, (request_id,)).fetchall()
         return [rows.delivery(row) for row in found]
 
     # -- coordination between the processes sharing the store -----------------------------------
@@ -878,18 +763,10 @@ class PostgresJobStore:
         """The first process to store `name` wins; a racing one's INSERT waits for the winner's commit,
         does nothing, and reads the winner's bytes."""
         with self._connection() as connection:
-            found = connection.execute(
-                "SELECT value FROM kontextd_secrets WHERE name = %s", (name,)
-            ).fetchone()
+            found = connection.execute(_SQL.secret, (name,)).fetchone()
             if found is None:
-                connection.execute(
-                    "INSERT INTO kontextd_secrets (name, value) VALUES (%s, %s)"
-                    " ON CONFLICT (name) DO NOTHING",
-                    (name, make()),
-                )
-                found = connection.execute(
-                    "SELECT value FROM kontextd_secrets WHERE name = %s", (name,)
-                ).fetchone()
+                connection.execute(_SQL.keep_secret, (name, make()))
+                found = connection.execute(_SQL.secret, (name,)).fetchone()
         assert found is not None
         return bytes(found["value"])
 

@@ -1,14 +1,24 @@
 """What the SQLite and PostgreSQL stores share: turning a stored row into the model's objects, and packing
 how a request ended into the small `outcome_json` every status poll reads.
 
-Both stores name their columns alike, so one conversion serves both; only the SQL differs between them.
+Both stores name their columns alike, so one conversion serves both (the SQL they share is in
+`kontextd.jobs.statements`).
 A row is anything indexable by column name: an `sqlite3.Row` or a psycopg `dict_row`.
 """
 
 import json
 from typing import Any, Protocol
 
-from kontextd.jobs.model import Job, JobSummary, Outcome, Priority, State, WebhookDelivery
+from kontextd.jobs.model import (
+    DueWebhook,
+    Job,
+    JobSummary,
+    LogLine,
+    Outcome,
+    Priority,
+    State,
+    WebhookDelivery,
+)
 
 
 class Row(Protocol):
@@ -30,6 +40,20 @@ def outcome_fields(outcome: Outcome) -> dict[str, Any]:
 def output_keys(outcome_json: str) -> list[str]:
     """The stored files a finished request's outputs live in (they expire with it)."""
     return json.loads(outcome_json)["output_keys"]
+
+
+def expired_output(row: Row) -> tuple[str, list[str]]:
+    """From a row of request_id and outcome_json: the request and the stored files to delete."""
+    return row["request_id"], output_keys(row["outcome_json"])
+
+
+def log_line(row: Row) -> LogLine:
+    return LogLine(row["message"], row["level"], row["timestamp"])
+
+
+def due_webhook(row: Row) -> DueWebhook:
+    """From a row of delivery_id, request_id, url and next_attempt_at."""
+    return DueWebhook(row["delivery_id"], row["request_id"], row["url"], row["next_attempt_at"])
 
 
 def delivery(row: Row) -> WebhookDelivery:

@@ -11,7 +11,6 @@ threadpool retires idle ones), the number of open database handles does not.
 
 import contextlib
 import fcntl
-import json
 import sqlite3
 import threading
 import time
@@ -19,7 +18,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kontextd.jobs import lifecycle, outcomes
+from kontextd.jobs import lifecycle, outcomes, rows, statements
 from kontextd.jobs.model import (
     CancelResult,
     DueWebhook,
@@ -35,8 +34,6 @@ from kontextd.jobs.model import (
 )
 from kontextd.jobs.rows import delivery as _delivery
 from kontextd.jobs.rows import job as _job
-from kontextd.jobs.rows import outcome_fields as _outcome_fields
-from kontextd.jobs.rows import output_keys as _output_keys
 from kontextd.jobs.rows import summary as _summary
 from kontextd.jobs.store import StoreUnavailable
 
@@ -115,6 +112,10 @@ MIGRATIONS: list[tuple[str, str, str]] = [
     # Times its images could not be stored (disk full): re-run once space returns, up to a cap.
     ("jobs", "storage_failures", "INTEGER NOT NULL DEFAULT 0"),
 ]
+
+_SQL = statements.Statements(statements.SQLITE)  # what this store runs as the PostgreSQL one does
+# The job's row at submit, ticket 0 until _enqueue hands it one.
+_SUBMIT = f"INSERT INTO jobs ({statements.NEW_JOB_COLUMNS}) VALUES ({_SQL.new_job_values('0')})"
 
 POOL_SIZE = 8  # open connections at most, whatever the number of threads: one writes, the others read
 WAIT_SECONDS = 10.0  # for the write turn or a free connection; then the store is "busy" (503)
@@ -342,51 +343,26 @@ class SQLiteJobStore:
 
     @staticmethod
     def _leave_queue(connection: sqlite3.Connection, row: sqlite3.Row) -> None:
-        connection.execute(
-            "INSERT OR IGNORE INTO queue_holes (lane, priority, ticket) VALUES (?, ?, ?)",
-            (row["lane"], row["priority"], row["ticket"]),
-        )
+        connection.execute(_SQL.leave_queue, (row["lane"], row["priority"], row["ticket"]))
 
     # -- jobs ------------------------------------------------------------------------------------
 
     def submit(self, job: NewJob) -> int:
         with self._write() as connection:
-            connection.execute(
-                "INSERT INTO jobs (request_id, gateway_request_id, app_id, owner, lane, input_json, state,"
-                " priority, ticket, created_at, start_deadline, no_retry, webhook_url, output_ttl)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'IN_QUEUE', ?, 0, ?, ?, ?, ?, ?)",
-                (
-                    job.request_id,
-                    job.gateway_request_id,
-                    job.app_id,
-                    job.owner,
-                    job.lane,
-                    json.dumps(job.input),
-                    int(job.priority),
-                    time.time(),
-                    job.start_deadline,
-                    int(job.no_retry),
-                    job.webhook_url,
-                    job.output_ttl_seconds,
-                ),
-            )
+            connection.execute(_SUBMIT, statements.new_job_params(job, time.time()))
             ticket = self._enqueue(connection, job.request_id, job.lane, int(job.priority))
             return self._position(connection, job.lane, int(job.priority), ticket)
 
     def get(self, request_id: str, owner: str | None = None) -> Job | None:
         with self._read() as connection:
-            row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            row = connection.execute(_SQL.job, (request_id,)).fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return _job(row)
 
     def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
         with self._read() as connection:
-            row = connection.execute(
-                "SELECT request_id, app_id, owner, state, outcome_json, output_expired FROM jobs"
-                " WHERE request_id = ?",
-                (request_id,),
-            ).fetchone()
+            row = connection.execute(_SQL.summary, (request_id,)).fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             return None
         return _summary(row)
@@ -421,24 +397,18 @@ class SQLiteJobStore:
                     self._finish(connection, row, outcomes.timed_out(), now)
                     continue
                 claimed = connection.execute(
-                    "UPDATE jobs SET state = 'IN_PROGRESS', worker_id = ?, lease_expires_at = ?,"
-                    " started_at = ?, attempts = attempts + 1 WHERE request_id = ? RETURNING *",
-                    (worker_id, now + lease_seconds, now, row["request_id"]),
+                    _SQL.start, (worker_id, now + lease_seconds, now, row["request_id"])
                 ).fetchone()
                 return _job(claimed)
 
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
         with self._write() as connection:
-            cursor = connection.execute(
-                "UPDATE jobs SET lease_expires_at = ? WHERE request_id = ? AND worker_id = ?"
-                " AND state = 'IN_PROGRESS'",
-                (now + lease_seconds, request_id, worker_id),
-            )
+            cursor = connection.execute(_SQL.renew_lease, (now + lease_seconds, request_id, worker_id))
             return cursor.rowcount == 1
 
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
         with self._write() as connection:
-            row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            row = connection.execute(_SQL.control, (request_id,)).fetchone()
             if row is None or row["state"] == State.COMPLETED:
                 return False
             if worker_id is not None and (row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id):
@@ -449,35 +419,13 @@ class SQLiteJobStore:
             return True
 
     def _finish(self, connection: sqlite3.Connection, row: sqlite3.Row, outcome: Outcome, now: float) -> None:
-        expires_at = now + row["output_ttl"] if row["output_ttl"] is not None else None
-        connection.execute(
-            "UPDATE jobs SET state = 'COMPLETED', completed_at = ?, outcome_json = ?, result_json = ?,"
-            " expires_at = ?,"
-            " worker_id = NULL, lease_expires_at = NULL WHERE request_id = ?",
-            (
-                now,
-                json.dumps(_outcome_fields(outcome)),
-                json.dumps(outcome.body),
-                expires_at,
-                row["request_id"],
-            ),
-        )
+        connection.execute(_SQL.finish, statements.finish_params(row, outcome, now))
         if row["webhook_url"]:
-            connection.execute(
-                "INSERT INTO webhook_deliveries (request_id, url, user_id, body, next_attempt_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (
-                    row["request_id"],
-                    row["webhook_url"],
-                    row["owner"],
-                    outcomes.webhook_body(row["request_id"], row["gateway_request_id"], outcome),
-                    now,
-                ),
-            )
+            connection.execute(_SQL.queue_webhook, statements.webhook_params(row, outcome, now))
 
     def cancel(self, request_id: str, owner: str, now: float) -> CancelResult:
         with self._write() as connection:
-            row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            row = connection.execute(_SQL.control, (request_id,)).fetchone()
             if row is None or row["owner"] != owner:
                 return CancelResult.NOT_FOUND
             if row["state"] == State.COMPLETED:
@@ -486,47 +434,35 @@ class SQLiteJobStore:
                 self._leave_queue(connection, row)
                 self._finish(connection, row, outcomes.cancelled(), now)
                 return CancelResult.CANCELLED
-            connection.execute("UPDATE jobs SET cancel_requested = 1 WHERE request_id = ?", (request_id,))
+            connection.execute(_SQL.request_cancel, (request_id,))
             return CancelResult.REQUESTED
 
     def cancel_requested(self, request_id: str) -> bool:
         with self._read() as connection:
-            row = connection.execute(
-                "SELECT cancel_requested FROM jobs WHERE request_id = ?", (request_id,)
-            ).fetchone()
-        return bool(row and row[0])
+            row = connection.execute(_SQL.cancel_requested, (request_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
 
     # -- logs ------------------------------------------------------------------------------------
 
     def append_log(self, request_id: str, message: str, level: str, now: float) -> None:
         with self._write() as connection:
-            connection.execute(
-                "INSERT INTO job_logs (request_id, timestamp, level, message) VALUES (?, ?, ?, ?)",
-                (request_id, now, level, message),
-            )
+            connection.execute(_SQL.append_log, (request_id, now, level, message))
 
     def logs(self, request_id: str) -> list[LogLine]:
         with self._read() as connection:
-            rows = connection.execute(
-                "SELECT message, level, timestamp FROM job_logs WHERE request_id = ? ORDER BY seq",
-                (request_id,),
-            ).fetchall()
-        return [LogLine(row["message"], row["level"], row["timestamp"]) for row in rows]
+            found = connection.execute(_SQL.logs, (request_id,)).fetchall()
+        return [rows.log_line(row) for row in found]
 
     # -- housekeeping ----------------------------------------------------------------------------
 
     def expire_unstarted(self, now: float) -> int:
         with self._write() as connection:
-            rows = connection.execute(
-                "SELECT * FROM jobs WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL"
-                " AND start_deadline < ?",
-                (now,),
-            ).fetchall()
-            for row in rows:
+            found = connection.execute(_SQL.unstarted, (now,)).fetchall()
+            for row in found:
                 self._leave_queue(connection, row)
                 self._finish(connection, row, outcomes.timed_out(), now)
             self._prune_holes(connection)
-            return len(rows)
+            return len(found)
 
     def _prune_holes(self, connection: sqlite3.Connection) -> None:
         for lane, priority in connection.execute("SELECT lane, priority FROM queue_tickets").fetchall():
@@ -544,14 +480,10 @@ class SQLiteJobStore:
     def recover_abandoned(self, now: float, settle_seconds: float = 0.0) -> int:
         # One process: its heartbeats and this sweep share the store, so no outage can favour one of them.
         with self._write() as connection:
-            rows = connection.execute(
-                "SELECT * FROM jobs WHERE state = 'IN_PROGRESS' AND lease_expires_at < ?"
-                " ORDER BY started_at, rowid",
-                (now,),
-            ).fetchall()
-            for row in rows:
+            found = connection.execute(_SQL.lapsed, (now,)).fetchall()
+            for row in found:
                 self._requeue_or_end(connection, row, now, lifecycle.LEASE_LAPSED)
-            return len(rows)
+            return len(found)
 
     def recover_after_restart(self, now: float) -> int:
         """Re-queue every running job, ahead of everything else: each belonged to a dead process, since this
@@ -559,16 +491,17 @@ class SQLiteJobStore:
         interruption, not a failure; only a request interrupted MAX_INTERRUPTIONS times is ended (it may be
         what kills the server). Returns how many were running."""
         with self._write() as connection:
-            rows = connection.execute(
-                "SELECT * FROM jobs WHERE state = 'IN_PROGRESS' ORDER BY started_at, rowid"
+            found = connection.execute(
+                f"SELECT {statements.CONTROL_COLUMNS} FROM jobs WHERE state = 'IN_PROGRESS'"
+                " ORDER BY started_at, rowid"
             ).fetchall()
-            for row in rows:
+            for row in found:
                 self._requeue_or_end(connection, row, now, lifecycle.INTERRUPTED)
-            return len(rows)
+            return len(found)
 
     def release(self, request_id: str, worker_id: str, reason: Release, now: float) -> State | None:
         with self._write() as connection:
-            row = connection.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            row = connection.execute(_SQL.control, (request_id,)).fetchone()
             if row is None or row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id:
                 return None
             return self._requeue_or_end(connection, row, now, lifecycle.RELEASES[reason])
@@ -580,18 +513,14 @@ class SQLiteJobStore:
         moved = 0
         with self._write() as connection:
             for app_id, lane in lanes.items():
-                rows = connection.execute(
-                    "SELECT * FROM jobs WHERE state = 'IN_QUEUE' AND app_id = ? AND lane != ?"
-                    " ORDER BY priority, ticket",
-                    (app_id, lane),
-                ).fetchall()
-                for row in rows:
+                found = connection.execute(_SQL.misrouted, (app_id, lane)).fetchall()
+                for row in found:
                     self._leave_queue(connection, row)
                     connection.execute(
                         "UPDATE jobs SET lane = ? WHERE request_id = ?", (lane, row["request_id"])
                     )
                     self._enqueue(connection, row["request_id"], lane, row["priority"])
-                moved += len(rows)
+                moved += len(found)
             self._prune_holes(connection)
         return moved
 
@@ -601,9 +530,7 @@ class SQLiteJobStore:
         """Put a running job back at the head of its lane, or end it when it must not run again."""
         count = row[why.counter] + 1 if why.counter else 0
         if why.counter:
-            connection.execute(
-                f"UPDATE jobs SET {why.counter} = ? WHERE request_id = ?", (count, row["request_id"])
-            )
+            connection.execute(_SQL.count[why.counter], (count, row["request_id"]))
         ending = why.ending(count, bool(row["cancel_requested"]), bool(row["no_retry"]))
         if ending is not None:
             self._finish(connection, row, ending, now)
@@ -615,48 +542,35 @@ class SQLiteJobStore:
                 (row["request_id"],),
             )
             self._enqueue(connection, row["request_id"], row["lane"], Priority.RETRY)
-            connection.execute(
-                "INSERT INTO job_logs (request_id, timestamp, level, message) VALUES (?, ?, 'WARN', ?)",
-                (row["request_id"], now, why.requeued),
-            )
+            connection.execute(_SQL.requeued_log, (row["request_id"], now, why.requeued))
             return State.IN_QUEUE
         return State.COMPLETED
 
     def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
         with self._read() as connection:
-            rows = connection.execute(
-                "SELECT request_id, outcome_json FROM jobs WHERE output_expired = 0"
-                " AND expires_at IS NOT NULL AND expires_at < ? LIMIT ?",
-                (now, limit),
-            ).fetchall()
-        return [(row[0], _output_keys(row[1])) for row in rows]
+            found = connection.execute(_SQL.expired_outputs, (now, limit)).fetchall()
+        return [rows.expired_output(row) for row in found]
 
     def mark_output_expired(self, request_id: str) -> None:
         """Leave a tombstone: state and how it ended (status still answers, the result says 410); the
         input and result bodies and the logs go."""
         with self._write() as connection:
-            connection.execute(
-                "UPDATE jobs SET output_expired = 1, result_json = '{}', input_json = '{}'"
-                " WHERE request_id = ?",
-                (request_id,),
-            )
-            connection.execute("DELETE FROM job_logs WHERE request_id = ?", (request_id,))
+            connection.execute(_SQL.mark_output_expired, (request_id,))
+            connection.execute(_SQL.drop_logs, (request_id,))
 
     def prune_records(self, expired_before: float, limit: int) -> int:
         with self._write() as connection:
             # A delivery still to be tried keeps its request's record until it is delivered or given up.
-            rows = connection.execute(
+            found = connection.execute(
                 "SELECT request_id FROM jobs WHERE output_expired = 1 AND expires_at < ?"
                 " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS w WHERE w.request_id = jobs.request_id"
                 " AND w.state NOT IN ('delivered', 'failed')) LIMIT ?",
                 (expired_before, limit),
             ).fetchall()
-            names = json.dumps([row[0] for row in rows])
-            for table in ("job_logs", "webhook_deliveries", "jobs"):
-                connection.execute(
-                    f"DELETE FROM {table} WHERE request_id IN (SELECT value FROM json_each(?))", (names,)
-                )
-            return len(rows)
+            names = _SQL.dialect.bind_list([row["request_id"] for row in found])
+            for delete in _SQL.prune:
+                connection.execute(delete, (names,))
+            return len(found)
 
     # -- webhooks --------------------------------------------------------------------------------
 
@@ -671,32 +585,23 @@ class SQLiteJobStore:
             query += " AND (next_attempt_at, delivery_id) > (?, ?)"
             params += [after.due_at, after.delivery_id]
         with self._read() as connection:
-            rows = connection.execute(
+            found = connection.execute(
                 query + " ORDER BY next_attempt_at, delivery_id LIMIT ?", (*params, limit)
             ).fetchall()
-        return [DueWebhook(row[0], row[1], row[2], row[3]) for row in rows]
+        return [rows.due_webhook(row) for row in found]
 
     def start_webhook(self, delivery_id: int, now: float, deadline: float) -> WebhookDelivery | None:
         with self._write() as connection:
-            row = connection.execute(
-                "UPDATE webhook_deliveries SET state = 'sending', next_attempt_at = ?"
-                " WHERE delivery_id = ? AND state IN ('pending', 'sending') AND next_attempt_at <= ?"
-                " RETURNING *",
-                (deadline, delivery_id, now),
-            ).fetchone()
+            row = connection.execute(_SQL.start_webhook, (deadline, delivery_id, now)).fetchone()
         return None if row is None else _delivery(row)
 
     def webhook_attempted(
         self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
     ) -> None:
-        state = "delivered" if delivered else ("pending" if next_attempt_at is not None else "failed")
+        state = statements.attempt_state(delivered, next_attempt_at)
         with self._write() as connection:
             # A delivery that already ended stays as it ended: a late report must not count a try twice.
-            connection.execute(
-                "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, next_attempt_at = ?,"
-                " last_error = ? WHERE delivery_id = ? AND state IN ('pending', 'sending')",
-                (state, next_attempt_at, error or None, delivery_id),
-            )
+            connection.execute(_SQL.webhook_attempted, (state, next_attempt_at, error or None, delivery_id))
 
     def release_webhooks(self, now: float, delivery_ids: Collection[int] | None = None) -> int:
         release = (
@@ -707,15 +612,13 @@ class SQLiteJobStore:
                 return connection.execute(release, (now,)).rowcount
             return connection.execute(
                 release + " AND delivery_id IN (SELECT value FROM json_each(?))",
-                (now, json.dumps(list(delivery_ids))),
+                (now, _SQL.dialect.bind_list(delivery_ids)),
             ).rowcount
 
     def webhook_deliveries(self, request_id: str) -> list[WebhookDelivery]:
         with self._read() as connection:
-            rows = connection.execute(
-                "SELECT * FROM webhook_deliveries WHERE request_id = ? ORDER BY delivery_id", (request_id,)
-            ).fetchall()
-        return [_delivery(row) for row in rows]
+            found = connection.execute(_SQL.webhook_deliveries, (request_id,)).fetchall()
+        return [_delivery(row) for row in found]
 
     # -- coordination: one process, nothing to coordinate -----------------------------------------
 
@@ -726,14 +629,14 @@ class SQLiteJobStore:
     def secret(self, name: str, make: Callable[[], bytes]) -> bytes:
         """The secret `name`, made with `make()` on first use and kept in the database from then on."""
         with self._read() as connection:
-            row = connection.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+            row = connection.execute(_SQL.secret, (name,)).fetchone()
         if row is not None:
-            return bytes(row[0])
+            return bytes(row["value"])
         value = make()
         with self._write() as connection:
-            connection.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, value))
-            kept = connection.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
-        return bytes(kept[0])
+            connection.execute(_SQL.keep_secret, (name, value))
+            kept = connection.execute(_SQL.secret, (name,)).fetchone()
+        return bytes(kept["value"])
 
     def turn(self, task: str) -> contextlib.AbstractContextManager[bool]:
         """Always this process's turn: nobody else uses the store."""
