@@ -76,6 +76,11 @@ class Runtime:
     async def running(self) -> AsyncIterator[None]:
         """Start every part, yield while the process serves, then stop them: running requests stop at
         their next step and go back to the head of their queue, counting nothing."""
+        async with self.services.store.serving(), self._parts():
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _parts(self) -> AsyncIterator[None]:
         services = self.services
         self._loop = asyncio.get_running_loop()
         services.feed = ChangeFeed(self._loop)

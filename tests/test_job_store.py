@@ -8,6 +8,7 @@ fixtures; their shared-store counterparts, and what only several processes on on
 in tests/test_postgres_store.py.
 """
 
+import asyncio
 import contextlib
 import json
 import os
@@ -27,7 +28,7 @@ import pytest
 from bench.scratch_postgres import bulk
 from kontextd.jobs import outcomes
 from kontextd.jobs.lifecycle import MAX_FAILURES, MAX_INTERRUPTIONS, MAX_STORAGE_FAILURES
-from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Priority, Release, State
+from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Polled, Priority, Release, State
 from kontextd.jobs.postgres import PostgresJobStore
 from kontextd.jobs.sqlite import POOL_SIZE, DataDirInUse, SQLiteJobStore
 from kontextd.jobs.store import JobStore, StoreUnavailable
@@ -1597,3 +1598,67 @@ def test_summary_carries_what_status_needs_without_the_bodies(store: JobStore) -
         full.outcome.metrics,
     )
     assert ended.app_id == full.app_id and ended.output_expired is False
+
+
+# -- poll: the one awaitable read of a status poll --------------------------------------------------
+
+
+async def _poll_everything(store: JobStore, names: list[str], owners: list[str | None]) -> list[Any]:
+    seen = []
+    for name in names:
+        for owner in owners:
+            for with_logs in (False, True):
+                seen.append((name, owner, with_logs, await store.poll(name, owner, with_logs)))
+    return seen
+
+
+def _expected_polls(store: JobStore, names: list[str], owners: list[str | None]) -> list[Any]:
+    expected = []
+    for name in names:
+        for owner in owners:
+            for with_logs in (False, True):
+                summary = store.summary(name, owner)
+                polled = None
+                if summary is not None:
+                    position = store.queue_position(name)
+                    polled = Polled(summary, position, store.logs(name) if with_logs else None)
+                expected.append((name, owner, with_logs, polled))
+    return expected
+
+
+@pytest.mark.parametrize("serving", [True, False], ids=["serving", "outside-serving"])
+def test_poll_reads_what_summary_position_and_logs_read(store: JobStore, serving: bool) -> None:
+    """Queued at the head, in the middle and behind another level (position 0 included), running,
+    ended with an error, someone else's, unknown; with and without logs (none yet: an empty list)."""
+    now = time.time()
+    store.submit(new_job("running"))
+    store.submit(new_job("ended"))
+    assert claim(store, now) is not None and claim(store, now) is not None
+    store.complete("ended", invalid(), now + 1, worker_id="worker-a")
+    for name, priority in [("low", Priority.LOW), ("first", Priority.NORMAL), ("second", Priority.NORMAL)]:
+        store.submit(new_job(name, priority=priority))
+    store.submit(new_job("bob's", owner="bob"))
+    store.append_log("running", "step 1", "INFO", now)
+    store.append_log("running", "step 2", "WARN", now + 0.5)
+    store.append_log("second", "queued", "INFO", now)
+    names = ["running", "ended", "low", "first", "second", "bob's", "unknown"]
+    owners: list[str | None] = [None, "alice", "bob"]
+
+    async def run() -> list[Any]:
+        if not serving:
+            return await _poll_everything(store, names, owners)
+        async with store.serving():
+            return await _poll_everything(store, names, owners)
+
+    seen = asyncio.run(run())
+    assert seen == _expected_polls(store, names, owners)
+    by_key = {(name, owner, logs): polled for name, owner, logs, polled in seen}
+    assert [by_key[(name, None, False)].queue_position for name in ["first", "second", "low", "bob's"]] == [
+        0,
+        1,
+        3,
+        2,
+    ]
+    assert by_key[("first", None, True)].logs == []
+    assert by_key[("ended", "bob", False)] is None and by_key[("unknown", None, True)] is None
+    assert by_key[("running", "alice", False)].queue_position is None

@@ -285,7 +285,7 @@ def _find(
     return job
 
 
-def _status_of(
+async def _status_of(
     services: Services,
     base_url: str,
     app_owner: str,
@@ -294,13 +294,11 @@ def _status_of(
     owner: str | None,
     with_logs: bool,
 ) -> tuple[JobSummary, dict[str, Any]] | None:
-    """A request's status body, read in one thread hop: summary, then queue position and logs."""
-    job = _find(services, app_owner, app_alias, request_id, owner)
-    if job is None:
-        return None
-    position = services.store.queue_position(request_id) if job.state == State.IN_QUEUE else None
-    logs = services.store.logs(request_id) if with_logs else None
-    return job, status_body(job, base_url, position, logs)
+    """A request's status body: summary, queue position and logs, in the store's one awaitable read."""
+    polled = await services.store.poll(request_id, owner, with_logs)
+    if polled is None or queue_prefix(polled.summary.app_id) != f"{app_owner}/{app_alias}":
+        return None  # someone else's request looks exactly like an unknown one
+    return polled.summary, status_body(polled.summary, base_url, polled.queue_position, polled.logs)
 
 
 REQUESTS_PATH = "/{app_owner}/{app_alias}/requests/{request_id}"
@@ -327,9 +325,7 @@ async def status(
     logs: LogsFlag = None,
 ) -> JSONResponse:
     base = _base_url(services, request)
-    found = await _read(
-        services, _status_of, services, base, app_owner, app_alias, request_id, owner, logs in ("1", "true")
-    )
+    found = await _status_of(services, base, app_owner, app_alias, request_id, owner, logs in ("1", "true"))
     if found is None:
         return JSONResponse(NOT_FOUND, status_code=404)
     job, body = found
@@ -370,9 +366,7 @@ async def stream(
             # on a timeout: a lost wake-up delays an event, never drops it.
             waiter = feed.watch(request_id)
             try:
-                found = await _read(
-                    services, _status_of, services, base, app_owner, app_alias, request_id, None, with_logs
-                )
+                found = await _status_of(services, base, app_owner, app_alias, request_id, None, with_logs)
             except StoreUnavailable:  # the database restarting: keep the stream alive, ask again shortly
                 if time.monotonic() - last_write >= ping_interval:
                     yield ": ping\n\n"

@@ -109,6 +109,15 @@ class LogLine:
 
 
 @dataclass(frozen=True)
+class Polled:
+    """What one status poll reads (JobStore.poll)."""
+
+    summary: JobSummary
+    queue_position: int | None  # how many queued requests run before it, when it is queued
+    logs: list[LogLine] | None  # when asked for
+
+
+@dataclass(frozen=True)
 class WebhookDelivery:
     delivery_id: int
     request_id: str

@@ -28,6 +28,7 @@ database need not agree on the time beyond what leases tolerate. Bodies are JSON
 round-trip than jsonb; nothing queries inside them); webhook bodies are bytea.
 """
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -35,14 +36,14 @@ import math
 import select
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 
 from kontextd.jobs import lifecycle, outcomes, rows, statements
 from kontextd.jobs.model import (
@@ -53,6 +54,7 @@ from kontextd.jobs.model import (
     LogLine,
     NewJob,
     Outcome,
+    Polled,
     Priority,
     Release,
     State,
@@ -186,6 +188,25 @@ _QUEUE_POSITION = (
     " FROM kontextd_jobs AS job WHERE job.request_id = %(request_id)s"
 )
 
+# A status poll (JobStore.poll) in one statement, so one round trip and one snapshot: the summary, the
+# position when queued, and the log lines in order when asked for (as one JSON array).
+_POLL = (
+    "SELECT job.request_id, job.app_id, job.owner, job.state, job.outcome_json, job.output_expired,"
+    f" CASE WHEN job.state = 'IN_QUEUE' THEN {_position_sql('job.lane', 'job.priority', 'job.ticket')}"
+    " END AS ahead,"
+    " CASE WHEN %(with_logs)s THEN (SELECT coalesce(json_agg(json_build_object('message', line.message,"
+    " 'level', line.level, 'timestamp', line.timestamp) ORDER BY line.seq), '[]'::json)"
+    " FROM kontextd_job_logs AS line WHERE line.request_id = job.request_id) END AS logs"
+    " FROM kontextd_jobs AS job WHERE job.request_id = %(request_id)s"
+)
+
+
+def _polled(row: Mapping[str, Any] | None, owner: str | None) -> Polled | None:
+    if row is None or (owner is not None and row["owner"] != owner):
+        return None
+    logs = None if row["logs"] is None else [rows.log_line(line) for line in row["logs"]]
+    return Polled(rows.summary(row), None if row["ahead"] is None else int(row["ahead"]), logs)
+
 
 class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer kontextd than this node: this node must not touch it."""
@@ -196,9 +217,19 @@ def _check_connection(connection: psycopg.Connection[Any]) -> None:
     connection has nothing to read unless the server spoke, and a server that ends a session (a restart, a
     terminated backend) says so or closes the socket, both of which make it readable. Only then is it
     checked for real (an empty query), and the pool replaces it if that fails."""
-    readable, _, _ = select.select([connection.fileno()], [], [], 0)
-    if readable:
+    if _server_spoke(connection):
         ConnectionPool.check_connection(connection)
+
+
+async def _check_async_connection(connection: psycopg.AsyncConnection[Any]) -> None:
+    """_check_connection, for the async pool status polls use."""
+    if _server_spoke(connection):
+        await AsyncConnectionPool.check_connection(connection)
+
+
+def _server_spoke(connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    readable, _, _ = select.select([connection.fileno()], [], [], 0)
+    return bool(readable)
 
 
 def _lock_key(name: str) -> int:
@@ -275,6 +306,7 @@ class PostgresJobStore:
         self._unreachable_at = -math.inf  # monotonic time the database was last found out of reach
         self._listeners: list[Callable[[], None]] = []
         self._listeners_lock = threading.Lock()
+        self._polls: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] | None = None  # serving()
         # The schema first, on a connection of its own: a node that cannot reach the database or must not
         # use it fails here, at start-up, with the real reason.
         try:
@@ -446,6 +478,47 @@ class PostgresJobStore:
                 connection.execute("COMMIT")
             row = cursor.fetchone()
         return None if row is None or row["ahead"] is None else int(row["ahead"])
+
+    async def poll(self, request_id: str, owner: str | None, with_logs: bool) -> Polled | None:
+        params = {"request_id": request_id, "with_logs": with_logs}
+        pool = self._polls
+        if pool is None:  # outside serving() (a script, a test): the same statement, in a thread
+            return await asyncio.to_thread(self._poll_now, params, owner)
+        try:
+            async with pool.connection() as connection:
+                row = await (await connection.execute(_POLL, params)).fetchone()
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as error:
+            raise self._unavailable(error) from error  # the pool's timeouts and closing are operational too
+        return _polled(row, owner)
+
+    def _poll_now(self, params: dict[str, Any], owner: str | None) -> Polled | None:
+        with self._read() as connection:
+            row = connection.execute(_POLL, params).fetchone()
+        return _polled(row, owner)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """An async pool for poll(), on this event loop: status polls then need no thread, which on a small
+        machine cost more than the read itself (docs/performance.md). It connects on first use, so a
+        worker process, which polls nothing, holds no connection for it."""
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
+            self._conninfo,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            min_size=0,
+            max_size=POOL_SIZE,
+            open=False,
+            check=_check_async_connection,
+            timeout=WAIT_SECONDS,
+            reconnect_timeout=RECONNECT_SECONDS,
+            name="kontextd-polls",
+        )
+        await pool.open()
+        self._polls = pool
+        try:
+            yield
+        finally:
+            self._polls = None
+            await pool.close(timeout=5.0)
 
     def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
         with self._write() as transaction:

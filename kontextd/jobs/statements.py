@@ -101,8 +101,8 @@ class Statements:
         # -- jobs
         self.job = f"SELECT * FROM {jobs} WHERE request_id = {p}"
         self.summary = (
-            f"SELECT request_id, app_id, owner, state, outcome_json, output_expired FROM {jobs}"
-            f" WHERE request_id = {p}"
+            "SELECT request_id, app_id, owner, state, outcome_json, output_expired, lane, priority, ticket"
+            f" FROM {jobs} WHERE request_id = {p}"
         )
         self.control = f"SELECT {CONTROL_COLUMNS} FROM {jobs} WHERE request_id = {p}{d.lock}"
         self.start = (

@@ -3,8 +3,9 @@
 The embedded implementation is SQLite (`kontextd.jobs.sqlite`), used by one process; the scale-out one is
 PostgreSQL (`kontextd.jobs.postgres`: SKIP LOCKED claims, LISTEN/NOTIFY), shared by any number of API
 nodes and worker processes. Both pass one contract suite (tests/test_job_store.py). Methods are
-synchronous and short; the API calls them off the event loop. Any call may raise StoreUnavailable (a full
-disk, a database that is down or restarting).
+synchronous and short, and the API calls them off the event loop, but for poll(): the read a status poll
+makes, awaited on the loop. Any call may raise StoreUnavailable (a full disk, a database that is down or
+restarting).
 
 A running request that stops short is re-run from the start, ahead of everything queued, unless it asked
 for no retries (`x-fal-no-retry`) or was cancelled. What stopped it decides what is counted against it:
@@ -25,6 +26,7 @@ from kontextd.jobs.model import (
     LogLine,
     NewJob,
     Outcome,
+    Polled,
     Release,
     State,
     WebhookDelivery,
@@ -41,7 +43,8 @@ class JobStore(Protocol):
     # running job or an in-flight webhook belongs to a dead process; their leases and deadlines decide.
     shared: bool
     # True when reads are local index seeks of microseconds (SQLite): the API makes them on its event loop,
-    # where a thread hop would cost more than the read. False (PostgreSQL): reads go to threads.
+    # where a thread hop would cost more than the read. False (PostgreSQL): reads go to threads, but for
+    # poll(), which is awaitable.
     quick_reads: bool
 
     def submit(self, job: NewJob) -> int:
@@ -55,6 +58,16 @@ class JobStore(Protocol):
 
     def queue_position(self, request_id: str) -> int | None:
         """How many queued jobs run before this one; None when it is not queued. Never scans the queue."""
+
+    async def poll(self, request_id: str, owner: str | None, with_logs: bool) -> Polled | None:
+        """What a status poll reads, awaited on the event loop: the summary (None when unknown or, with
+        `owner`, someone else's), the queue position when it is queued, the log lines when `with_logs`;
+        all as of one moment. One call, so a store across a network answers it in one round trip and
+        without a thread (PostgreSQL, inside serving(); outside it, in a thread)."""
+
+    def serving(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Entered on the event loop while the process serves: what poll() needs there (PostgreSQL: an
+        async connection pool, made on the loop it runs on and closed before that loop ends)."""
 
     def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
         """Take the next job of `lane` to run and mark it IN_PROGRESS under a lease (counting an attempt).
