@@ -208,6 +208,18 @@ def _polled(row: Mapping[str, Any] | None, owner: str | None) -> Polled | None:
     return Polled(rows.summary(row), None if row["ahead"] is None else int(row["ahead"]), logs)
 
 
+def _pool_options() -> dict[str, Any]:
+    """What both pools (the threads' and the status polls' async one) share, read when a pool is made."""
+    return {
+        "kwargs": {"autocommit": True, "row_factory": dict_row},
+        "open": False,  # opened by the store, which turns a failure into StoreUnavailable
+        "timeout": WAIT_SECONDS,
+        # The pool retries a lost connection with exponential backoff; a short give-up keeps the wait
+        # between PostgreSQL coming back and the pool noticing short (a fresh try starts on demand).
+        "reconnect_timeout": RECONNECT_SECONDS,
+    }
+
+
 class SchemaTooNew(RuntimeError):
     """The database was migrated by a newer kontextd than this node: this node must not touch it."""
 
@@ -317,18 +329,14 @@ class PostgresJobStore:
         # Reads run outside transactions (autocommit: one round trip, each statement sees the latest
         # commit); writes open one explicitly. Every connection is checked as it is lent, so that one the
         # database dropped (a restart) is replaced before a call fails on it.
+        self._pool_size = pool_size
         self._pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
             self._conninfo,
-            kwargs={"autocommit": True, "row_factory": dict_row},
             min_size=1,
             max_size=pool_size,
-            open=False,
             check=_check_connection,
-            timeout=WAIT_SECONDS,
-            # The pool retries a lost connection with exponential backoff; a short give-up keeps the wait
-            # between PostgreSQL coming back and the pool noticing short (a fresh try starts on demand).
-            reconnect_timeout=RECONNECT_SECONDS,
             name="kontextd-jobs",
+            **_pool_options(),
         )
         try:
             self._pool.open(wait=True, timeout=WAIT_SECONDS)
@@ -503,14 +511,11 @@ class PostgresJobStore:
         worker process, which polls nothing, holds no connection for it."""
         pool: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] = AsyncConnectionPool(
             self._conninfo,
-            kwargs={"autocommit": True, "row_factory": dict_row},
             min_size=0,
-            max_size=POOL_SIZE,
-            open=False,
+            max_size=self._pool_size,
             check=_check_async_connection,
-            timeout=WAIT_SECONDS,
-            reconnect_timeout=RECONNECT_SECONDS,
             name="kontextd-polls",
+            **_pool_options(),
         )
         await pool.open()
         self._polls = pool
