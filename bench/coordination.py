@@ -227,6 +227,9 @@ class NullStorage:
     def delete(self, keys: Iterable[str]) -> None:
         pass
 
+    def check(self) -> None:
+        pass
+
     def presigned_url(self, key: str, expires_in: float) -> str | None:
         return None
 

@@ -119,6 +119,8 @@ def test_server_serves_saved_weights_with_the_diffusers_backend(
                 "reason": None,
                 "workers": 1,
                 "backends": {"local": "ready"},
+                "store": "ok",
+                "storage": "ok",
             }
             body = {
                 "prompt": "make it blue",

@@ -1662,3 +1662,12 @@ def test_poll_reads_what_summary_position_and_logs_read(store: JobStore, serving
     assert by_key[("first", None, True)].logs == []
     assert by_key[("ended", "bob", False)] is None and by_key[("unknown", None, True)] is None
     assert by_key[("running", "alice", False)].queue_position is None
+
+
+def test_ping_answers_on_a_working_store(store: JobStore) -> None:
+    async def run() -> None:
+        await store.ping()  # outside serving()
+        async with store.serving():
+            await store.ping()
+
+    asyncio.run(run())

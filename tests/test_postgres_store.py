@@ -6,6 +6,7 @@ webhooks), two store instances on one database standing in for two processes (co
 positions, notifications, secrets, turns), schema versions, and a database that goes away and comes back.
 """
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -561,7 +562,72 @@ def test_a_node_older_than_the_database_refuses_to_start(pg_dsn: str) -> None:
     assert schema_version(pg_dsn) == SCHEMA_VERSION + 2  # left as it was
 
 
+def test_a_database_migrated_while_a_node_runs_makes_that_node_unavailable_on_ping(pg_dsn: str) -> None:
+    """A rolling upgrade: a newer node migrates the schema while this one runs. This node's ping (what
+    /health reports) says so from then on, inside serving() and outside it, so a load balancer takes it
+    out; with the version as it was, ping passes."""
+    store = PostgresJobStore(pg_dsn)
+    try:
+
+        async def pings() -> list[str]:
+            seen = []
+            for serving in (False, True):
+                async with store.serving() if serving else contextlib.nullcontext():
+                    try:
+                        await store.ping()
+                        seen.append("ok")
+                    except StoreUnavailable as error:
+                        seen.append(str(error))
+            return seen
+
+        assert asyncio.run(pings()) == ["ok", "ok"]
+        with raw(pg_dsn) as connection:
+            connection.execute("UPDATE kontextd_schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+        refused = asyncio.run(pings())
+        assert len(refused) == 2 and refused[0] == refused[1], refused
+        assert f"version {SCHEMA_VERSION + 1}" in refused[0] and "upgrade kontextd on this node" in refused[0]
+    finally:
+        store.close()
+
+
 # -- a database that is slow, away, or unreachable ----------------------------------------------------
+
+
+def test_status_polls_on_the_async_pool_fail_fast_while_postgresql_is_away_then_recover(
+    pg_cluster: PrivateCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """poll() and ping() inside serving(): StoreUnavailable within the bounded wait while the database is
+    down (never a hang), and answers again once it is back, on the same pool."""
+    monkeypatch.setattr(postgres, "WAIT_SECONDS", 3.0)
+    store = PostgresJobStore(pg_cluster.dsn)
+    store.submit(new_job("kept"))
+
+    async def scenario() -> None:
+        async with store.serving():
+            polled = await store.poll("kept", None, False)
+            assert polled is not None and polled.queue_position == 0
+            pg_cluster.stop("immediate")
+            for call in (lambda: store.poll("kept", None, True), store.ping):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await call()
+                assert time.monotonic() - started < postgres.WAIT_SECONDS + 5
+            pg_cluster.start()
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await store.ping()
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() < deadline, "the async pool did not reconnect"
+                    await asyncio.sleep(0.1)
+            again = await store.poll("kept", None, True)
+            assert again is not None and again.queue_position == 0 and again.logs == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
 
 
 def test_a_lock_held_too_long_elsewhere_is_store_unavailable_not_a_hang(

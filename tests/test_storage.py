@@ -122,6 +122,10 @@ def test_a_missing_key_is_none(subject: Subject) -> None:
     assert subject.storage.open(new_key(0, "jpeg", request_id=request_id)) is None  # another extension
 
 
+def test_check_passes_on_a_working_storage(subject: Subject) -> None:
+    subject.storage.check()  # raises StorageUnavailable otherwise; an outage is tested below
+
+
 def hostile_keys(real: str) -> list[str]:
     """Names that are not keys, many of them close to `real`, a key that exists."""
     request_id, name = real.split("/")
@@ -332,6 +336,7 @@ def test_an_outage_fails_fast_and_the_same_storage_works_again_after_it(
             "put": lambda: storage.put(during, b"during", "image/png"),
             "open": lambda: storage.open(before),
             "delete": lambda: storage.delete([before]),
+            "check": storage.check,
         }
         for name, attempt in attempts.items():
             started = time.monotonic()
@@ -341,6 +346,7 @@ def test_an_outage_fails_fast_and_the_same_storage_works_again_after_it(
             assert unavailable.value.__cause__ is not None, name  # the botocore error, chained
             assert "kontextd-outage" in str(unavailable.value), name
         s3_private_server.start()
+        storage.check()
         storage.put(during, b"during", "image/png")
         assert read(storage, during) == b"during"
         assert read(storage, before) == b"before"  # the failed delete deleted nothing
@@ -364,6 +370,15 @@ def test_a_full_disk_is_unavailable_and_leaves_nothing_behind(tmp_path: Path) ->
         filler.unlink()
         storage.put(key, b"now there is room", "image/png")
         assert read(storage, key) == b"now there is room"
+
+
+def test_check_says_when_the_files_folder_was_removed(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "files")
+    storage.root.rmdir()
+    with pytest.raises(StorageUnavailable, match="missing or not writable"):
+        storage.check()
+    storage.root.mkdir()
+    storage.check()
 
 
 def test_other_write_errors_are_not_taken_for_a_full_disk(tmp_path: Path) -> None:

@@ -2,11 +2,12 @@
 beside it (workers, dispatcher, sweeper) belongs to the runtime (kontextd.runtime)."""
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, BinaryIO
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.telemetry import TelemetryConfig
 from fastapi_offline import FastAPIOffline
@@ -21,6 +22,8 @@ from kontextd.api.queue import RUN_PREFIX
 from kontextd.api.responses import UNAUTHORIZED
 from kontextd.api.services import Services
 from kontextd.catalogue.endpoints import ENDPOINTS
+from kontextd.jobs.store import StoreUnavailable
+from kontextd.storage.base import StorageUnavailable
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -46,18 +49,36 @@ def _chunks(stream: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
 
 
 async def health(services: ServicesDep) -> JSONResponse:
-    """Readiness: loading, ready or failed (with why); also what `kontextd worker --health-port` serves."""
+    """Readiness: loading, ready or failed (with why), and whether the job store and the storage answer
+    now; also what `kontextd worker --health-port` serves."""
+    store = await _answers(services.store.ping())
+    storage = await _answers(run_in_threadpool(services.storage.check))
     body = services.readiness.describe() | {
         "workers": len(services.workers),
         "backends": {lane: readiness.state for lane, readiness in services.lanes.items()},
+        "store": store,
+        "storage": storage,
     }
-    return JSONResponse(body, status_code=200 if services.readiness.state == "ready" else 503)
+    ready = services.readiness.state == "ready" and store == "ok"
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def _answers(check: Awaitable[None]) -> str:
+    try:
+        await check
+    except (StoreUnavailable, StorageUnavailable) as error:
+        return f"unavailable: {error}"
+    return "ok"
 
 
 HEALTH_ROUTE: dict[str, Any] = {
     "tags": ["server"],
-    "summary": "Readiness: loading, ready or failed (with why)",
-    "responses": {503: {"description": "Still loading the model, or failed to"}},
+    "summary": "Readiness: loading, ready or failed (with why); whether the job store and storage answer",
+    "description": "503 while the model loads or after it failed to, and while the job store cannot be "
+    "used (down, or migrated by a newer kontextd: upgrade this node). Storage that cannot be reached is "
+    "reported in `storage` but keeps the node ready: requests whose images cannot be stored are held and "
+    "run again once it is back, and status polls, which need only the store, go on being answered.",
+    "responses": {503: {"description": "Loading the model, failed to, or the job store is unavailable"}},
 }
 
 

@@ -488,21 +488,35 @@ class PostgresJobStore:
         return None if row is None or row["ahead"] is None else int(row["ahead"])
 
     async def poll(self, request_id: str, owner: str | None, with_logs: bool) -> Polled | None:
-        params = {"request_id": request_id, "with_logs": with_logs}
-        pool = self._polls
-        if pool is None:  # outside serving() (a script, a test): the same statement, in a thread
-            return await asyncio.to_thread(self._poll_now, params, owner)
-        try:
-            async with pool.connection() as connection:
-                row = await (await connection.execute(_POLL, params)).fetchone()
-        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as error:
-            raise self._unavailable(error) from error  # the pool's timeouts and closing are operational too
+        row = await self._read_one(_POLL, {"request_id": request_id, "with_logs": with_logs})
         return _polled(row, owner)
 
-    def _poll_now(self, params: dict[str, Any], owner: str | None) -> Polled | None:
+    async def ping(self) -> None:
+        # The schema version, not just a round trip: a newer node may have migrated the database since
+        # this one started (a rolling upgrade), and this node must then stop using it.
+        row = await self._read_one("SELECT version FROM kontextd_schema_version", {})
+        found = row["version"] if row is not None else 0
+        if found != SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"the database's kontextd schema is version {found}, this node's is {SCHEMA_VERSION}:"
+                " upgrade kontextd on this node"
+            )
+
+    async def _read_one(self, statement: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        """One row of a read, awaited: on serving()'s async pool, or in a thread outside it (a script, a
+        test), through the same statement."""
+        pool = self._polls
+        if pool is None:
+            return await asyncio.to_thread(self._read_one_now, statement, params)
+        try:
+            async with pool.connection() as connection:
+                return await (await connection.execute(statement, params)).fetchone()
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction) as error:
+            raise self._unavailable(error) from error  # the pool's timeouts and closing are operational too
+
+    def _read_one_now(self, statement: str, params: dict[str, Any]) -> dict[str, Any] | None:
         with self._read() as connection:
-            row = connection.execute(_POLL, params).fetchone()
-        return _polled(row, owner)
+            return connection.execute(statement, params).fetchone()  # type: ignore[arg-type]
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:

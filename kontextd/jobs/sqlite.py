@@ -399,6 +399,14 @@ class SQLiteJobStore:
                 connection.execute("COMMIT")
         return Polled(_summary(row), position, logs)
 
+    async def ping(self) -> None:
+        try:
+            with self._read() as connection:  # an index seek in the jobs table: the file is there and reads
+                connection.execute("SELECT count(*) FROM jobs WHERE request_id = ''").fetchone()
+        except sqlite3.Error as error:
+            unavailable = _unavailable(error) or StoreUnavailable(f"the database cannot be read: {error}")
+            raise unavailable from error
+
     def serving(self) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()  # poll() needs nothing made on the loop
 

@@ -65,6 +65,11 @@ class JobStore(Protocol):
         all as of one moment. One call, so a store across a network answers it in one round trip and
         without a thread (PostgreSQL, inside serving(); outside it, in a thread)."""
 
+    async def ping(self) -> None:
+        """One round trip that shows the store answers now and may be used by this node (what /health
+        reports): raises StoreUnavailable when it cannot, saying why, e.g. a database migrated meanwhile
+        by a newer kontextd, which this node must not write to."""
+
     def serving(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Entered on the event loop while the process serves: what poll() needs there (PostgreSQL: an
         async connection pool, made on the loop it runs on and closed before that loop ends)."""

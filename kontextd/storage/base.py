@@ -47,6 +47,10 @@ class Storage(Protocol):
         an error. Raises StorageUnavailable when the storage cannot be reached (nothing is then known to
         be deleted: the caller tries again later)."""
 
+    def check(self) -> None:
+        """Whether the storage answers now, in one request at most (what /health reports): raises
+        StorageUnavailable, saying why, when it cannot be reached or used."""
+
     def presigned_url(self, key: str, expires_in: float) -> str | None:
         """A URL that reads `key` directly from the storage for `expires_in` seconds, without kontextd;
         None when this storage has no such URLs (local files are served by kontextd under /files/)."""

@@ -129,6 +129,12 @@ class S3Storage:
         message = f"object store: {action} failed in bucket {self.bucket}: {reason}"
         raise StorageUnavailable(message) from error
 
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as error:
+            self._unavailable("checking the bucket", error)
+
     def put(self, key: str, data: bytes, content_type: str) -> None:
         object_key = self._object_key(key)
         try:
