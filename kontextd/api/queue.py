@@ -5,6 +5,8 @@ thread hop per response, on a store whose reads go over the network (PostgreSQL)
 would stall every other client. On a store whose reads are local index seeks of microseconds (SQLite's
 `quick_reads`) they run on the loop: there a thread hop costs more than the read, and on two cores the
 hand-over of the interpreter lock between threads halved status-poll throughput (docs/performance.md).
+Status polls and the status stream make one awaitable read instead (JobStore.poll): on the loop for
+SQLite, over an async connection pool for PostgreSQL.
 """
 
 import json

@@ -79,7 +79,8 @@ class LocalStorage:
         # Its folder is there and writable: a full disk is not checked here (the next put says so, and
         # the worker holds the request), a folder removed or made read-only under us is.
         if not os.access(self.root, os.W_OK | os.X_OK) or not self.root.is_dir():
-            raise StorageUnavailable(f"the files folder {self.root} is missing or not writable")
+            # Not naming the folder: /health shows this to anyone who asks.
+            raise StorageUnavailable("the files folder is missing or not writable")
 
     def presigned_url(self, key: str, expires_in: float) -> str | None:
         return None  # files here are served by kontextd itself, under /files/
