@@ -148,5 +148,7 @@ def test_bursts_separated_by_idle_gaps_leak_no_descriptors_or_memory(api_server:
     # The bursts really started and retired threads: enough to exceed the pool many times over.
     assert churn >= 2 * POOL_SIZE, churn
     first, last = after_retiring[0], after_retiring[-1]
-    assert last[0] <= first[0] + FD_SLACK, after_retiring
+    # Database handles are bounded by the pool (asserted above), which opens connections lazily: a later
+    # burst may open some the first did not need. Every other descriptor must come back to where it was.
+    assert last[0] - last[1] <= first[0] - first[1] + FD_SLACK, after_retiring
     assert last[2] - first[2] <= RSS_GROWTH_LIMIT_KB, after_retiring
