@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, BinaryIO
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.telemetry import TelemetryConfig
@@ -122,6 +122,14 @@ def files(key: str, services: ServicesDep) -> Response:
     return StreamingResponse(_chunks(stored.stream), media_type=stored.content_type, headers=headers)
 
 
+def _add_routes(app: FastAPI, router: APIRouter) -> None:
+    """The router's routes as the app's own. FastAPI's include_router keeps the router as one entry that
+    matches every request twice (once to select it, once inside it) and calls routes through a wrapper
+    that skips LeanRoute's own ASGI app; a route added directly is matched once and run as built. The
+    routers carry no prefix, dependencies or tags of their own to apply, and OpenAPI reads app.routes."""
+    app.router.routes.extend(router.routes)
+
+
 def create_app(services: Services, lifespan: Lifespan | None = None) -> FastAPI:
     """The HTTP API over `services`. What runs beside it (workers, dispatcher, sweeper) is the runtime's,
     handed in as `lifespan` by whoever runs the process (kontextd.server)."""
@@ -137,8 +145,8 @@ def create_app(services: Services, lifespan: Lifespan | None = None) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     install_openapi(app)
-    app.include_router(queue.polls)  # first: the routes asked most are matched first
-    app.include_router(queue.router)
+    _add_routes(app, queue.polls)  # first: the routes asked most are matched first
+    _add_routes(app, queue.router)
     app.add_api_route("/health", health, methods=["GET"], **HEALTH_ROUTE)
     app.add_api_route(
         "/v1/endpoints",

@@ -21,6 +21,7 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
+from starlette.types import Receive, Scope, Send
 
 from kontextd.api.auth import authorization_header
 from kontextd.api.deps import owner_of, require_owner, services_of
@@ -44,6 +45,19 @@ class _Query:
 
 class LeanRoute(APIRoute):
     """An APIRoute whose endpoint is called with arguments resolved by a plan made at start-up."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
+        super().__init__(path, endpoint, **options)
+        handler = self.get_route_handler()
+
+        # In place of FastAPI's request_response, whose two AsyncExitStacks per request serve dependencies
+        # with `yield` (a LeanRoute has none) and whose exception wrapper repeats what the app's
+        # ExceptionMiddleware does with the same handlers when an exception reaches it.
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            response = await handler(Request(scope, receive, send))
+            await response(scope, receive, send)
+
+        self.app = app
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         dependant = self.dependant
