@@ -185,6 +185,26 @@ MUTANTS: tuple[Mutant, ...] = (
         OTHER_KEYS,
     ),
     M(
+        "jobs-commit-keeps-polls",
+        JOBS,
+        "self._poll_cache.clear()  # committed",
+        "pass  # committed",
+        "a commit leaves the poll cache as it was: status polls answer what was before it",
+        _node("test_job_store.py", "test_a_poll_sees_each_write_made_through_the_store_at_once"),
+    ),
+    M(
+        "jobs-poll-cache-any-owner",
+        "kontextd/jobs/poll_cache.py",
+        "return polled if owner is None or owner == request_owner else None",
+        "return polled",
+        "a poll answered from memory (or read) goes to any key",
+        _node(
+            "test_poll_cache.py",
+            "test_poll_reads_through_once_checks_the_owner_every_time_and_keeps_no_unknown_request",
+        ),
+        OTHER_KEYS,
+    ),
+    M(
         "jobs-cancel-leaves-no-hole",
         JOBS,
         "self._leave_queue(connection, row)\n"

@@ -15,8 +15,11 @@ Status-poll throughput: `wrk -t2 -cC -dSs` against the status URL of a queued re
 node, and against two baselines under the same uvicorn (bench/bare_asgi.py): a bare ASGI app and a bare
 Starlette app with one route shaped like the status route, both answering the exact bytes kontextd
 answered. The servers run side by side and wrk visits them in turn, `--rounds` times; the medians are
-reported, and the ratios of each node to each baseline. (Without wrk an httpx load generator is used,
-which measures the client more than the servers.) `--profile DIR` then polls routes that stop earlier
+reported, and the ratios of each node to each baseline. Each store's node runs twice: as deployed (a
+request polled again is answered from memory until something changes) and with `--poll-cache 0`
+(every poll reads the store). The depth phase always runs with `--poll-cache 0`: it measures the
+read at that depth. (Without wrk an httpx load generator is used, which measures the client more than
+the servers.) `--profile DIR` then polls routes that stop earlier
 (404, /health, an unknown request) and samples each node with py-spy (`pip install py-spy`) under wrk
 load, printing where a poll's time goes.
 
@@ -57,6 +60,7 @@ from kontextd.jobs.sqlite import SQLiteJobStore  # noqa: E402
 from kontextd.jobs.store import JobStore  # noqa: E402
 
 APP = "fal-ai/flux-pro/kontext/text-to-image"
+UNCACHED = ("--poll-cache", "0")  # every status poll reads the store (the poll cache off)
 BODY = {"prompt": "a lighthouse at dusk", "seed": 1}
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")  # pip install py-spy
 QUIET_UVICORN = ("--log-level", "warning", "--no-access-log")
@@ -110,9 +114,11 @@ def serving(command: list[str], health_path: str, env: dict[str, str] | None = N
         process.wait(30)
 
 
-def kontextd(data_dir: Path, workers: int, store_url: str | None) -> AbstractContextManager[Server]:
+def kontextd(
+    data_dir: Path, workers: int, store_url: str | None, *flags: str
+) -> AbstractContextManager[Server]:
     command = [sys.executable, "-m", "kontextd", "serve", "--port", "{port}", "--data-dir", str(data_dir)]
-    command += ["--workers", str(workers), "--log-level", "warning"]
+    command += ["--workers", str(workers), "--log-level", "warning", *flags]
     if store_url:
         command += ["--store", store_url]
     return serving(command, "/health")
@@ -142,6 +148,8 @@ class StoreKind:
     def __init__(self, name: str, database: str | None = None) -> None:
         self.name = name
         self._database = database  # PostgreSQL: the database each phase makes its schema in
+        # Nodes answer repeated polls from memory between changes: polled as deployed, and without it.
+        self.variants: list[tuple[str, tuple[str, ...]]] = [("", ()), (", --poll-cache 0", UNCACHED)]
 
     @contextmanager
     def fresh(self, root: Path) -> Iterator[Fresh]:
@@ -253,14 +261,16 @@ def poll_table(kinds: Sequence[StoreKind], root: Path, args: argparse.Namespace)
         targets: dict[str, tuple[Server, str]] = {}  # name -> (server, URL polled)
         body = b""
         for kind in kinds:
-            fresh = stack.enter_context(kind.fresh(root))
-            server = stack.enter_context(kontextd(fresh.data_dir, 0, fresh.store_url))
-            with httpx.Client(base_url=server.base, timeout=30) as client:
-                request_id = submit(client)["request_id"]
-                response = client.get(status_path(request_id))
-                response.raise_for_status()
-            body = body or response.content
-            targets[f"{kind.name} node"] = (server, server.base + status_path(request_id))
+            for suffix, flags in kind.variants:
+                fresh = stack.enter_context(kind.fresh(root))
+                server = stack.enter_context(kontextd(fresh.data_dir, 0, fresh.store_url, *flags))
+                with httpx.Client(base_url=server.base, timeout=30) as client:
+                    request_id = submit(client)["request_id"]
+                    response = client.get(status_path(request_id))
+                    response.raise_for_status()
+                body = body or response.content
+                targets[f"{kind.name} node{suffix}"] = (server, server.base + status_path(request_id))
+        nodes = list(targets)
         body_file = root / "status-body.json"
         body_file.write_bytes(body)
         for name, app in (("bare ASGI", "app"), ("bare Starlette", "starlette_app")):
@@ -281,10 +291,10 @@ def poll_table(kinds: Sequence[StoreKind], root: Path, args: argparse.Namespace)
         for name, values in rates.items():
             rounds = ", ".join(f"{value:.0f}" for value in values)
             print(f"  {name}: {medians[name]:.0f}/s  (rounds: {rounds})")
-        for kind in kinds:
-            node = medians[f"{kind.name} node"]
+        for name in nodes:
+            node = medians[name]
             print(
-                f"  ratio {kind.name} node: {node / medians['bare Starlette']:.2f} of bare Starlette, "
+                f"  ratio {name}: {node / medians['bare Starlette']:.2f} of bare Starlette, "
                 f"{node / medians['bare ASGI']:.2f} of bare ASGI"
             )
         if args.profile:
@@ -416,7 +426,9 @@ def depth(kind: StoreKind, root: Path, queued: int, samples: int) -> None:
             if count == queued:
                 print(f"{kind.name}: (queued {count} requests through submit in {filled:.1f} s, "
                       f"{count / filled:.0f}/s, a commit per 1000)")  # fmt: skip
-            with kontextd(fresh.data_dir, 0, fresh.store_url) as server, httpx.Client(timeout=30) as client:
+            # UNCACHED: the store's read at that depth, not the poll cache answering from memory.
+            node = kontextd(fresh.data_dir, 0, fresh.store_url, *UNCACHED)
+            with node as server, httpx.Client(timeout=30) as client:
                 for where, request_id in (("head", ids[0]), ("tail", ids[-1])):
                     url = server.base + status_path(request_id)
                     body = client.get(url).json()

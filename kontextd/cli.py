@@ -59,6 +59,14 @@ def _add_http_flags(add: Callable[..., object]) -> None:
         "[KONTEXTD_OUTPUT_TTL]",
     )
     add(
+        "--poll-cache",
+        type=float,
+        default=float(_env("POLL_CACHE", "1.0")),
+        help="seconds at most that this node answers a request polled again from memory between changes "
+        "(every change drops what it affects: this process's at once, other nodes' when PostgreSQL "
+        "announces them); 0: read the store on every poll [KONTEXTD_POLL_CACHE]",
+    )
+    add(
         "--sse-ping-interval",
         type=float,
         default=float(_env("SSE_PING_INTERVAL", "10")),

@@ -48,6 +48,7 @@ class Settings:
     webhook_backoff: tuple[float, ...] = WEBHOOK_BACKOFF
     webhook_concurrency: int = 4  # tries in flight at once to one receiver (scheme, host and port)
     sse_ping_interval: float = 10.0
+    poll_cache: float = 1.0  # seconds a node may answer a status poll from memory (0: never)
     tiny_step_seconds: float = 0.0
     log_level: str = "info"
 
@@ -93,6 +94,8 @@ class Settings:
             raise ValueError(f"--lease-seconds must be more than 0 seconds, not {self.lease_seconds}")
         if not 0 <= self.record_retention < math.inf:
             raise ValueError(f"--record-retention must be 0 or more seconds, not {self.record_retention}")
+        if not 0 <= self.poll_cache < math.inf:
+            raise ValueError(f"--poll-cache must be 0 or more seconds, not {self.poll_cache}")
         if len(self.webhook_backoff) < 1:
             raise ValueError("KONTEXTD_WEBHOOK_BACKOFF needs at least one delay")
         if self.webhook_concurrency < 1:

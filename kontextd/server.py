@@ -96,7 +96,9 @@ def _plan_and_routing(settings: Settings) -> tuple[BackendPlan, Routing]:
 
 def _open_store(settings: Settings, data: DataDir) -> JobStore:
     try:
-        return SQLiteJobStore(data.database) if settings.store is None else open_store(settings.store)
+        if settings.store is None:
+            return SQLiteJobStore(data.database, poll_cache=settings.poll_cache)
+        return open_store(settings.store, settings.poll_cache)
     except DataDirInUse as error:
         raise StartupError(str(error)) from error
     except StoreUnavailable as error:  # a full disk, a database that is down: said, not a traceback

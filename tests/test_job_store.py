@@ -1664,6 +1664,46 @@ def test_poll_reads_what_summary_position_and_logs_read(store: JobStore, serving
     assert by_key[("running", "alice", False)].queue_position is None
 
 
+def test_a_poll_sees_each_write_made_through_the_store_at_once(store: JobStore) -> None:
+    """Every request polled first (so a poll cache holds it, kontextd/jobs/poll_cache.py; listening, for
+    a shared store's), then changed, then polled again at once: the change is there, the positions of
+    those behind included."""
+    now = time.time()
+    stop = store.listen(lambda request_id: None, lambda lane: None)
+
+    async def scenario() -> None:
+        async def poll(name: str, with_logs: bool = False) -> Polled:
+            found = await store.poll(name, None, with_logs)
+            assert found is not None, name
+            return found
+
+        store.submit(new_job("head"))
+        store.submit(new_job("behind"))
+        twice = ["head", "behind"] * 2
+        assert [(await poll(name)).queue_position for name in twice] == [0, 1, 0, 1]
+        assert claim(store, now) is not None
+        assert (await poll("behind")).queue_position == 0 and (await poll("head")).queue_position is None
+        store.submit(new_job("first", priority=Priority.RETRY))  # joins ahead of it
+        assert (await poll("behind")).queue_position == 1
+        assert (await poll("head", with_logs=True)).logs == []
+        store.append_log("head", "step 1/2", "INFO", now)
+        assert [line.message for line in (await poll("head", with_logs=True)).logs or []] == ["step 1/2"]
+        assert (await poll("head")).summary.state == State.IN_PROGRESS
+        assert store.complete("head", succeeded(), now + 1, worker_id="worker-a") is True
+        assert (await poll("head")).summary.state == State.COMPLETED
+        assert store.cancel("behind", "alice", now) is CancelResult.CANCELLED
+        assert (await poll("behind")).summary.error_type is not None
+
+    async def run() -> None:
+        async with store.serving():
+            await scenario()
+
+    try:
+        asyncio.run(run())
+    finally:
+        stop()
+
+
 def test_ping_answers_on_a_working_store(store: JobStore) -> None:
     async def run() -> None:
         await store.ping()  # outside serving()

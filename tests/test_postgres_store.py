@@ -22,14 +22,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from kontextd.jobs import postgres
+from kontextd.jobs import poll_cache, postgres
 from kontextd.jobs.factory import open_store
-from kontextd.jobs.model import CancelResult, Priority, State
+from kontextd.jobs.model import CancelResult, Polled, Priority, State
 from kontextd.jobs.postgres import SCHEMA_VERSION, PostgresJobStore, SchemaTooNew
 from kontextd.jobs.sqlite import SQLiteJobStore
 from kontextd.jobs.store import StoreUnavailable
 from tests.pg_fixtures import PrivateCluster, _free_port
 from tests.test_job_store import (
+    APP_ID,
     LEASE,
     WARN_REQUEUED,
     claim,
@@ -470,6 +471,145 @@ def test_listen_reconnects_after_its_connection_drops_and_stops_promptly(
     other.submit(new_job("after-stop"))
     time.sleep(0.3)  # absence of a wake-up: nothing to wait for but time
     assert len(heard.jobs) == heard_so_far
+
+
+# -- the status-poll cache (kontextd/jobs/poll_cache.py) ---------------------------------------------
+
+
+def polled(store: PostgresJobStore, request_id: str, with_logs: bool = False) -> Polled:
+    found = asyncio.run(store.poll(request_id, None, with_logs))
+    assert found is not None, request_id
+    return found
+
+
+def write_unannounced(dsn: str, request_id: str) -> None:
+    """A change no node announces (the store never makes one): it shows whether a poll read the database."""
+    with raw(dsn) as admin:
+        admin.execute("UPDATE kontextd_jobs SET app_id = 'probe' WHERE request_id = %s", (request_id,))
+
+
+BARRIER = "barrier"  # a request of its own lane, whose only announcements are settled()'s
+
+
+def settled(heard: Wakeups, other: PostgresJobStore, now: float) -> None:
+    """Until every announcement made so far has been heard: they arrive in order, and a read under way
+    when one arrives is not kept, so a test's next poll must come after the last."""
+    heard.after(lambda: other.append_log(BARRIER, "a barrier", "INFO", now), BARRIER)
+
+
+def test_polls_are_answered_from_memory_until_any_node_announces_a_change(
+    nodes: Callable[[], PostgresJobStore], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(poll_cache, "MAX_AGE_SECONDS", 60.0)  # here only announcements refresh a row
+    now = time.time()
+    polling, other = nodes(), nodes()
+    heard = Wakeups()
+    stop = polling.listen(heard.on_job, heard.on_lane)
+    try:
+        lane = f"lane-{os.urandom(4).hex()}"
+        other.submit(new_job("head", lane=lane))
+        other.submit(new_job("behind", lane=lane))
+        heard.wait_for(lambda: heard.lanes.count(lane) == 2)  # each submit's last announcement
+        assert polled(polling, "behind").queue_position == 1
+        write_unannounced(pg_dsn, "behind")
+        assert polled(polling, "behind").summary.app_id == APP_ID  # from memory
+        # Another node claims the head: only the head is announced, and the queued row behind it goes too.
+        heard.after(lambda: other.claim("w", LEASE, now, lane=lane), "head")
+        again = polled(polling, "behind")
+        assert (again.queue_position, again.summary.app_id) == (0, "probe")
+        # With logs is a row of its own, refreshed by a log line written through another node.
+        assert polled(polling, "head", with_logs=True).logs == []
+        heard.after(lambda: other.append_log("head", "step 1/2", "INFO", now), "head")
+        assert [line.message for line in polled(polling, "head", with_logs=True).logs or []] == ["step 1/2"]
+    finally:
+        stop()
+
+
+def test_a_nodes_own_write_is_seen_by_its_next_poll_before_its_announcement_comes_back(
+    nodes: Callable[[], PostgresJobStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(poll_cache, "MAX_AGE_SECONDS", 60.0)
+    now = time.time()
+    polling, other = nodes(), nodes()
+    heard, stalled, release = Wakeups(), threading.Event(), threading.Event()
+
+    def on_job(request_id: str) -> None:
+        if request_id == "stall":  # the listener stops here until the test releases it
+            stalled.set()
+            release.wait(30)
+        heard.on_job(request_id)
+
+    stop = polling.listen(on_job, heard.on_lane)
+    try:
+        lane = f"lane-{os.urandom(4).hex()}"
+        polling.submit(new_job("mine"))
+        other.submit(new_job("theirs", lane=lane))
+        assert other.claim("w", LEASE, now, lane=lane) is not None
+        other.submit(new_job("stall", lane=lane))
+        assert stalled.wait(NOTIFY_SECONDS * 5)  # every announcement before it has been heard
+        assert polled(polling, "mine").summary.state == State.IN_QUEUE
+        assert polled(polling, "theirs").summary.state == State.IN_PROGRESS
+        assert other.complete("theirs", succeeded(), now, worker_id="w") is True
+        assert polling.cancel("mine", "alice", now) is CancelResult.CANCELLED
+        assert polled(polling, "mine").summary.state == State.COMPLETED  # its own write: at once
+        assert polled(polling, "theirs").summary.state == State.IN_PROGRESS  # not heard yet
+        heard_before = heard.jobs.count("theirs")
+        release.set()
+        heard.wait_for(lambda: heard.jobs.count("theirs") > heard_before)
+        assert polled(polling, "theirs").summary.state == State.COMPLETED
+    finally:
+        release.set()
+        stop()
+
+
+def test_a_listener_that_lost_its_connection_drops_what_was_kept(
+    nodes: Callable[[], PostgresJobStore], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At once, not when it is back: it is kept away for 4 s here, and the row must be read again well
+    before (the listener notices within its poll interval)."""
+    monkeypatch.setattr(poll_cache, "MAX_AGE_SECONDS", 60.0)
+    monkeypatch.setattr(postgres, "LISTEN_RETRY_SECONDS", (4.0, 4.0))
+    now = time.time()
+    polling, other = nodes(), nodes()
+    heard = Wakeups()
+    stop = polling.listen(heard.on_job, heard.on_lane)
+    try:
+        heard.after(lambda: other.submit(new_job(BARRIER, lane=f"barrier-{os.urandom(4).hex()}")), BARRIER)
+        other.submit(new_job("kept"))
+        assert other.claim("w", LEASE, now) is not None  # running: only its own change drops it
+        settled(heard, other, now)
+        assert polled(polling, "kept").summary.state == State.IN_PROGRESS
+        write_unannounced(pg_dsn, "kept")
+        assert polled(polling, "kept").summary.app_id == APP_ID
+        with raw(pg_dsn) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'kontextd-listen' AND datname = current_database()"
+            )
+        lost_at = time.monotonic()
+        while polled(polling, "kept").summary.app_id != "probe":
+            assert time.monotonic() - lost_at < 2.0, "a row kept while nothing was heard"
+        heard_again(heard, other, "after")  # back: rows are kept again
+        settled(heard, other, now)
+        assert polled(polling, "kept").summary.app_id == "probe"
+        with raw(pg_dsn) as admin:
+            admin.execute("UPDATE kontextd_jobs SET app_id = %s WHERE request_id = 'kept'", (APP_ID,))
+        assert polled(polling, "kept").summary.app_id == "probe"
+    finally:
+        stop()
+
+
+def test_a_poll_cache_of_0_reads_the_database_on_every_poll(pg_dsn: str) -> None:
+    with contextlib.closing(PostgresJobStore(pg_dsn, poll_cache=0)) as store:
+        heard = Wakeups()
+        stop = store.listen(heard.on_job, heard.on_lane)
+        try:
+            heard.after(lambda: store.submit(new_job("read")), "read")
+            assert polled(store, "read").summary.app_id == APP_ID
+            write_unannounced(pg_dsn, "read")
+            assert polled(store, "read").summary.app_id == "probe"
+        finally:
+            stop()
 
 
 # -- secrets and turns --------------------------------------------------------------------------------

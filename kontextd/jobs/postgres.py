@@ -16,6 +16,9 @@ what sharing needs on top:
 - Every change to a job is announced with `pg_notify('kontextd_job', request_id)` and every enqueue with
   `pg_notify('kontextd_lane', lane)`, in the changing transaction (PostgreSQL delivers them at its commit,
   and never for a rollback). `listen()` relays them to the process's waiters from a thread of its own.
+- While it listens, a request polled again before any change is answered from memory, the cache kept
+  coherent by those announcements and by this process's own commits (kontextd/jobs/poll_cache.py):
+  clients poll far more often than requests change.
 - Nothing assumes a running job or an in-flight webhook belongs to a dead process (`shared = True`): lapsed
   leases and lapsed send deadlines decide, never a start-up.
 - The database is never waited on unboundedly: connecting, waiting for a pooled connection, statements and
@@ -60,6 +63,7 @@ from kontextd.jobs.model import (
     State,
     WebhookDelivery,
 )
+from kontextd.jobs.poll_cache import PollCache
 from kontextd.jobs.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -201,9 +205,7 @@ _POLL = (
 )
 
 
-def _polled(row: Mapping[str, Any] | None, owner: str | None) -> Polled | None:
-    if row is None or (owner is not None and row["owner"] != owner):
-        return None
+def _polled(row: Mapping[str, Any]) -> Polled:
     logs = None if row["logs"] is None else [rows.log_line(line) for line in row["logs"]]
     return Polled(rows.summary(row), None if row["ahead"] is None else int(row["ahead"]), logs)
 
@@ -297,6 +299,10 @@ class _Transaction:
     def queued_in(self, lane: str) -> None:
         self._notes[(LANE_CHANNEL, lane)] = None
 
+    @property
+    def changed_jobs(self) -> list[str]:
+        return [payload for channel, payload in self._notes if channel == JOB_CHANNEL]
+
     def send_notifications(self) -> None:
         if self._notes:
             channels, payloads = zip(*self._notes, strict=True)
@@ -312,13 +318,16 @@ class PostgresJobStore:
     shared = True
     quick_reads = False  # see JobStore.quick_reads
 
-    def __init__(self, dsn: str, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, dsn: str, pool_size: int = POOL_SIZE, poll_cache: float | None = None) -> None:
+        """`poll_cache`: the most seconds poll() answers a request from memory (kontextd/jobs/poll_cache.py;
+        None: its default, 0: never)."""
         self._conninfo = _conninfo(dsn)
         self._password = str(conninfo_to_dict(dsn).get("password") or "")
         self._unreachable_at = -math.inf  # monotonic time the database was last found out of reach
         self._listeners: list[Callable[[], None]] = []
         self._listeners_lock = threading.Lock()
         self._polls: AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]] | None = None  # serving()
+        self._poll_cache = PollCache(max_age=poll_cache)  # kept while listen() listens
         # The schema first, on a connection of its own: a node that cannot reach the database or must not
         # use it fails here, at start-up, with the real reason.
         try:
@@ -382,7 +391,10 @@ class PostgresJobStore:
         with self._connection() as connection, connection.transaction():
             transaction = _Transaction(connection)
             yield transaction
+            changed = transaction.changed_jobs
             transaction.send_notifications()
+        # Committed: this node's polls see the change now, not only once its announcement comes back.
+        self._poll_cache.changed(changed)
 
     def close(self) -> None:
         with self._listeners_lock:
@@ -488,8 +500,14 @@ class PostgresJobStore:
         return None if row is None or row["ahead"] is None else int(row["ahead"])
 
     async def poll(self, request_id: str, owner: str | None, with_logs: bool) -> Polled | None:
-        row = await self._read_one(_POLL, {"request_id": request_id, "with_logs": with_logs})
-        return _polled(row, owner)
+        """While listen() listens, a request polled again before anything changed is answered from memory
+        (kontextd/jobs/poll_cache.py)."""
+
+        async def read() -> tuple[str, Polled] | None:
+            row = await self._read_one(_POLL, {"request_id": request_id, "with_logs": with_logs})
+            return None if row is None else (row["owner"], _polled(row))
+
+        return await self._poll_cache.poll(request_id, owner, with_logs, read)
 
     async def ping(self) -> None:
         # The schema version, not just a round trip: a newer node may have migrated the database since
@@ -731,6 +749,8 @@ class PostgresJobStore:
             names = _SQL.dialect.bind_list([row["request_id"] for row in found])
             for delete in _SQL.prune:
                 transaction.execute(delete, (names,))
+            for row in found:
+                transaction.changed(row["request_id"])  # gone: a status poll now answers 404
             return len(found)
 
     # -- webhooks --------------------------------------------------------------------------------
@@ -795,10 +815,27 @@ class PostgresJobStore:
         of its own (a LISTEN outlives any one call, so it cannot be a pooled one). A dropped connection is
         reopened with a bounded backoff; what was announced meanwhile is lost (waiters re-read on a
         timeout anyway). Returns once the first LISTEN is in place or the first try failed, so changes
-        made after it are seen; the function returned stops the thread within about a second."""
+        made after it are seen; the function returned stops the thread within about a second.
+
+        The same relay keeps poll()'s cache coherent with every node's changes (kontextd/jobs/poll_cache.py):
+        it is told each change first, and whenever the LISTEN is in place or lost. With no listener,
+        poll() reads the database every time."""
+        cache = self._poll_cache
+
+        def job_changed(request_id: str) -> None:
+            cache.changed((request_id,))
+            on_job(request_id)
+
+        def lane_changed(lane: str) -> None:
+            cache.changed(())
+            on_lane(lane)
+
         stop, ready = threading.Event(), threading.Event()
         thread = threading.Thread(
-            target=self._relay, args=(on_job, on_lane, stop, ready), name="kontextd-store-listen", daemon=True
+            target=self._relay,
+            args=(job_changed, lane_changed, cache.set_coherent, stop, ready),
+            name="kontextd-store-listen",
+            daemon=True,
         )
         thread.start()
         ready.wait(CONNECT_TIMEOUT_SECONDS + 1)
@@ -816,6 +853,7 @@ class PostgresJobStore:
         self,
         on_job: Callable[[str], None],
         on_lane: Callable[[str], None],
+        on_listening: Callable[[bool], None],
         stop: threading.Event,
         ready: threading.Event,
     ) -> None:
@@ -828,19 +866,23 @@ class PostgresJobStore:
                 with psycopg.connect(conninfo, autocommit=True) as connection:
                     connection.execute(f"LISTEN {JOB_CHANNEL}")
                     connection.execute(f"LISTEN {LANE_CHANNEL}")
+                    on_listening(True)
                     ready.set()
                     wait = first_wait
-                    while not stop.is_set():
-                        # Returns after the poll interval at the latest, to look at `stop`.
-                        for note in connection.notifies(timeout=LISTEN_POLL_SECONDS):
-                            callback = callbacks.get(note.channel)
-                            if callback is not None:
-                                try:
-                                    callback(note.payload)
-                                except Exception:
-                                    logger.exception("a job store listener callback failed")
-                            if stop.is_set():
-                                break
+                    try:
+                        while not stop.is_set():
+                            # Returns after the poll interval at the latest, to look at `stop`.
+                            for note in connection.notifies(timeout=LISTEN_POLL_SECONDS):
+                                callback = callbacks.get(note.channel)
+                                if callback is not None:
+                                    try:
+                                        callback(note.payload)
+                                    except Exception:
+                                        logger.exception("a job store listener callback failed")
+                                if stop.is_set():
+                                    break
+                    finally:
+                        on_listening(False)  # however it ends: from now on, announcements may be missed
             except psycopg.Error as error:
                 if not stop.is_set():
                     logger.warning(

@@ -33,6 +33,7 @@ from kontextd.jobs.model import (
     State,
     WebhookDelivery,
 )
+from kontextd.jobs.poll_cache import PollCache
 from kontextd.jobs.rows import delivery as _delivery
 from kontextd.jobs.rows import job as _job
 from kontextd.jobs.rows import summary as _summary
@@ -229,8 +230,12 @@ class SQLiteJobStore:
     shared = False
     quick_reads = True  # see JobStore.quick_reads
 
-    def __init__(self, path: Path, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, path: Path, pool_size: int = POOL_SIZE, poll_cache: float | None = None) -> None:
+        """`poll_cache`: the most seconds poll() answers a request from memory (kontextd/jobs/poll_cache.py;
+        None: its default, 0: never)."""
         self._path = path
+        self._poll_cache = PollCache(max_age=poll_cache)
+        self._poll_cache.set_coherent(True)  # every write is this process's own, through _write()
         path.parent.mkdir(parents=True, exist_ok=True)
         # The embedded store assumes it is the only process using this file: hold a lock for our lifetime.
         self._lock_file = open(path.with_suffix(".lock"), "w")  # noqa: SIM115 - held until close()
@@ -275,6 +280,7 @@ class SQLiteJobStore:
                     connection.execute("BEGIN IMMEDIATE")
                     yield connection
                     connection.execute("COMMIT")
+                    self._poll_cache.clear()  # committed: a poll under way, or kept, may predate it
                 except BaseException as error:
                     if connection.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                         with contextlib.suppress(sqlite3.Error):
@@ -382,12 +388,21 @@ class SQLiteJobStore:
                 connection.execute("COMMIT")
 
     async def poll(self, request_id: str, owner: str | None, with_logs: bool) -> Polled | None:
+        """A request polled again before anything changed is answered from memory: every change is this
+        process's own, and each commit drops what was kept (kontextd/jobs/poll_cache.py)."""
+
+        async def read() -> tuple[str, Polled] | None:
+            return self._read_poll(request_id, with_logs)
+
+        return await self._poll_cache.poll(request_id, owner, with_logs, read)
+
+    def _read_poll(self, request_id: str, with_logs: bool) -> tuple[str, Polled] | None:
         # Right on the event loop: a few index seeks of microseconds (quick_reads) cost less than a thread.
         with self._read() as connection:
             connection.execute("BEGIN")  # one snapshot for the summary, the position and the logs
             try:
                 row = connection.execute(_SQL.summary, (request_id,)).fetchone()
-                if row is None or (owner is not None and row["owner"] != owner):
+                if row is None:
                     return None
                 position = None
                 if row["state"] == State.IN_QUEUE:
@@ -397,7 +412,7 @@ class SQLiteJobStore:
                     logs = [rows.log_line(line) for line in connection.execute(_SQL.logs, (request_id,))]
             finally:
                 connection.execute("COMMIT")
-        return Polled(_summary(row), position, logs)
+        return row["owner"], Polled(_summary(row), position, logs)
 
     async def ping(self) -> None:
         try:

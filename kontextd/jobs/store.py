@@ -63,7 +63,9 @@ class JobStore(Protocol):
         """What a status poll reads, awaited on the event loop: the summary (None when unknown or, with
         `owner`, someone else's), the queue position when it is queued, the log lines when `with_logs`;
         all as of one moment. One call, so a store across a network answers it in one round trip and
-        without a thread (PostgreSQL, inside serving(); outside it, in a thread)."""
+        without a thread (PostgreSQL, inside serving(); outside it, in a thread). A request polled
+        again before anything changed may be answered from memory (kontextd/jobs/poll_cache.py): this
+        process's own writes are seen at once, another process's once its announcement arrives."""
 
     async def ping(self) -> None:
         """One round trip that shows the store answers now and may be used by this node (what /health
