@@ -226,6 +226,13 @@ def _add_work_flags(add: Callable[..., object]) -> None:
         "[KONTEXTD_FILE_URLS]",
     )
     add(
+        "--presign-endpoint",
+        default=_env("PRESIGN_ENDPOINT"),
+        help="with --file-urls presigned: the S3 endpoint clients reach, when it is not the one this process "
+        "uses (AWS_ENDPOINT_URL), e.g. a public host for a bucket reached on a private network; presigned "
+        "URLs are signed for it [KONTEXTD_PRESIGN_ENDPOINT]",
+    )
+    add(
         "--webhook-key-file",
         type=Path,
         default=_env("WEBHOOK_KEY_FILE"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kontextd.backends import DEFAULT_MODEL
 from kontextd.storage.urls import check_mode as check_file_urls
+from kontextd.storage.urls import check_presign_endpoint
 
 SEVEN_DAYS = 7 * 24 * 3600.0
 # Ten tries over about two hours, as fal retries webhooks: the gaps between tries, in seconds.
@@ -22,6 +23,7 @@ class Settings:
     store: str | None = None  # job store URL; None: sqlite:///<data dir>/jobs.sqlite3
     storage: str | None = None  # image storage URL; None: files in <data dir>/files
     file_urls: str = "proxy"  # how clients reach stored files (kontextd.storage.urls)
+    presign_endpoint: str | None = None  # S3 endpoint presigned URLs are signed for; None: the one used
     webhook_key_file: Path | None = None  # None: the data dir's key (SQLite) or the database's (PostgreSQL)
     health_port: int | None = None  # `kontextd worker`: serve /health on 127.0.0.1 at this port
     config_file: Path | None = None  # TOML routing each endpoint to a backend (see kontextd.routing)
@@ -101,3 +103,4 @@ class Settings:
         if self.webhook_concurrency < 1:
             raise ValueError("--webhook-concurrency must be 1 or more")
         check_file_urls(self.file_urls)
+        check_presign_endpoint(self.file_urls, self.presign_endpoint)

@@ -128,7 +128,7 @@ def build_services(settings: Settings) -> tuple[Services, DataDir]:
         raise StartupError(f"data dir {data.root}: {error}") from error
     store = _open_store(settings, data)
     try:
-        storage = open_storage(settings.storage, data.files)
+        storage = open_storage(settings.storage, data.files, settings.presign_endpoint)
         urls = FileUrls(settings.file_urls, storage, settings.public_url)
     except (StorageConfigError, ValueError) as error:
         store.close()

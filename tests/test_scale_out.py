@@ -363,6 +363,33 @@ def test_s3_down_for_a_while_never_completes_a_request_without_its_images(
         assert downloaded.status_code == 200 and downloaded.content[:2] == b"\xff\xd8"  # a JPEG
 
 
+def test_presigned_image_urls_are_signed_for_the_endpoint_clients_reach(
+    servers: list[KontextdServer],
+    tmp_path: Path,
+    s3_server: Any,
+    s3_bucket_url: str,
+    image_host: LoopbackServer,
+) -> None:
+    """The server reaches the store at 127.0.0.1 (AWS_ENDPOINT_URL); clients are told `localhost`, as a
+    deployment would name a public host."""
+    port = urlsplit(s3_server.endpoint_url).port
+    public = f"http://localhost:{port}"
+    node = KontextdServer(
+        tmp_path / "node",
+        args=[*COMMON, "--storage", s3_bucket_url, "--file-urls", "presigned", "--presign-endpoint", public],
+        env=s3_server.env,
+    )
+    servers.append(node)
+    node.start()
+    with node.client() as client:
+        request_id = submit(client, image_host, seed=0)
+        assert "error" not in completed(client, request_id)
+        (image,) = client.get(result_path(request_id)).json()["images"]
+        assert image["url"].startswith(f"{public}/"), image
+        downloaded = httpx.get(image["url"], timeout=10)
+        assert downloaded.status_code == 200 and downloaded.content[:2] == b"\xff\xd8"
+
+
 def test_a_worker_refuses_a_store_only_one_process_may_use(tmp_path: Path) -> None:
     worker = KontextdServer(tmp_path / "worker", command_name="worker", port=free_port())
     with pytest.raises(RuntimeError, match="a worker needs the job store the API nodes use"):

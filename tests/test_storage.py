@@ -9,6 +9,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import socket
 import time
 import uuid
@@ -24,6 +25,7 @@ import pytest
 from conftest import fill_disk, small_disk
 from PIL import Image
 
+from kontextd.config import Settings
 from kontextd.storage import keys
 from kontextd.storage.base import Storage, StorageConfigError, StorageUnavailable
 from kontextd.storage.factory import open_storage, parse_s3_url
@@ -276,6 +278,54 @@ def test_a_missing_bucket_is_created_at_start_up(
     # An existing bucket is simply used.
     with contextlib.closing(open_storage(s3_bucket_url, tmp_path)) as again:
         assert read(again, key) == b"made"
+
+
+def test_presigned_urls_are_signed_for_the_endpoint_clients_reach(
+    s3_server: SeaweedS3, s3_bucket_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kontextd reaches the store at 127.0.0.1, clients at `localhost` (another name for the same server,
+    standing in for a public host): the host is signed, so a URL must be signed for the one clients use."""
+    s3_server.use(monkeypatch)
+    port = urlsplit(s3_server.endpoint_url).port
+    key, data = new_key(), image()
+    with contextlib.closing(open_storage(s3_bucket_url, tmp_path)) as inside:
+        inside.put(key, data, "image/png")
+        signed_inside = inside.presigned_url(key, 60)
+    assert signed_inside is not None
+    moved = signed_inside.replace("//127.0.0.1:", "//localhost:", 1)
+    assert httpx.get(moved, timeout=10).status_code == 403  # why: its signature names the other host
+    with contextlib.closing(open_storage(s3_bucket_url, tmp_path, f"http://localhost:{port}")) as storage:
+        url = storage.presigned_url(key, 60)
+        assert url is not None and urlsplit(url).netloc == f"localhost:{port}"
+        fetched = httpx.get(url, timeout=10)
+        assert fetched.status_code == 200 and fetched.content == data
+        assert read(storage, key) == data  # kontextd's own requests still go to AWS_ENDPOINT_URL
+
+
+@pytest.mark.parametrize(
+    ("file_urls", "endpoint", "refusal"),
+    [
+        ("proxy", "https://s3.example.com", "for --file-urls presigned only"),
+        ("presigned", "s3.example.com", "expected an http(s) origin"),
+        ("presigned", "ftp://s3.example.com", "expected an http(s) origin"),
+        ("presigned", "https://key:secret@s3.example.com", "expected an http(s) origin"),
+        ("presigned", "https://s3.example.com/bucket", "expected an http(s) origin"),
+        ("presigned", "https://s3.example.com?x=1", "expected an http(s) origin"),
+    ],
+)
+def test_a_presign_endpoint_is_an_origin_used_with_presigned_urls_only(
+    file_urls: str, endpoint: str, refusal: str
+) -> None:
+    settings = Settings(file_urls=file_urls, presign_endpoint=endpoint)
+    with pytest.raises(ValueError, match=re.escape(refusal)) as refused:
+        settings.check()
+    assert "secret" not in str(refused.value)
+    Settings(file_urls="presigned", presign_endpoint="https://s3.example.com/").check()
+
+
+def test_a_presign_endpoint_needs_object_storage(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs object storage"):
+        open_storage(None, tmp_path, "https://s3.example.com")
 
 
 def test_a_prefix_keeps_objects_under_it(

@@ -19,16 +19,18 @@ _PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9!_.*'()-]+")
 MAX_PREFIX_LENGTH = 512  # of S3's 1024 bytes for a whole key, leaving ample room for ours
 
 
-def open_storage(url: str | None, files_root: Path) -> Storage:
+def open_storage(url: str | None, files_root: Path, presign_endpoint: str | None = None) -> Storage:
     """The storage `url` names: None or "" is LocalStorage in `files_root`; `s3://bucket[/prefix]` is
-    S3Storage (configured from the standard AWS environment). Raises ValueError for any other form, and
-    StorageConfigError when the bucket cannot be used."""
+    S3Storage (configured from the standard AWS environment; presigned URLs for `presign_endpoint` when
+    given). Raises ValueError for any other form, and StorageConfigError when the bucket cannot be used."""
     if not url:
+        if presign_endpoint:
+            raise ValueError("--presign-endpoint needs object storage (--storage s3://...)")
         return LocalStorage(files_root)
     bucket, prefix = parse_s3_url(url)
     from kontextd.storage.s3 import S3Storage  # boto3 is loaded only by servers that use it
 
-    return S3Storage(bucket, prefix)
+    return S3Storage(bucket, prefix, presign_endpoint=presign_endpoint)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -48,13 +48,17 @@ class S3Storage:
         prefix: str = "",
         *,
         endpoint_url: str | None = None,
+        presign_endpoint: str | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         create_bucket: bool = True,
     ) -> None:
         """Check that `bucket` can be reached, creating it when it is missing (and `create_bucket` and
         the credentials allow); raises StorageConfigError saying which bucket, which endpoint and why when
-        it cannot be used. `endpoint_url` overrides the configured one (tests)."""
+        it cannot be used. `endpoint_url` overrides the configured one (tests). `presign_endpoint`: where
+        clients reach the same store, when not where kontextd does (a public host for a bucket kontextd
+        reaches on a private network): presigned URLs are signed for it. Signing is local, so it is
+        never contacted from here."""
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         config = Config(
@@ -64,17 +68,15 @@ class S3Storage:
             signature_version="s3v4",
         )
         session = boto3.session.Session()
-        self.client: BaseClient = session.client("s3", endpoint_url=endpoint_url, config=config)
-        if _custom_endpoint(self.client.meta.endpoint_url):
-            # SeaweedFS, MinIO and most other servers have no wildcard DNS for `<bucket>.<host>`: the bucket
-            # goes in the path. (AWS itself keeps virtual-hosted addressing.)
-            self.client.close()
-            path_style = config.merge(Config(s3={"addressing_style": "path"}))
-            self.client = session.client("s3", endpoint_url=endpoint_url, config=path_style)
+        self.client: BaseClient = _client(session, endpoint_url, config)
+        # The host is part of what SigV4 signs: a URL for another host must be signed for that host.
+        self._presigner = (
+            self.client if presign_endpoint is None else _client(session, presign_endpoint, config)
+        )
         try:
             self._check_bucket(create_bucket)
         except BaseException:
-            self.client.close()
+            self.close()
             raise
 
     @property
@@ -190,10 +192,24 @@ class S3Storage:
         if not 0 < seconds <= MAX_PRESIGNED_SECONDS:
             raise ValueError(f"a presigned URL lasts 1 s to {MAX_PRESIGNED_SECONDS} s, not {expires_in!r}")
         params = {"Bucket": self.bucket, "Key": self._object_key(key)}
-        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=seconds)
+        return self._presigner.generate_presigned_url("get_object", Params=params, ExpiresIn=seconds)
 
     def close(self) -> None:
         self.client.close()
+        if self._presigner is not self.client:
+            self._presigner.close()
+
+
+def _client(session: boto3.session.Session, endpoint_url: str | None, config: Config) -> BaseClient:
+    client = session.client("s3", endpoint_url=endpoint_url, config=config)
+    if not _custom_endpoint(client.meta.endpoint_url):
+        return client
+    # SeaweedFS, MinIO and most other servers have no wildcard DNS for `<bucket>.<host>`: the bucket goes
+    # in the path. (AWS itself keeps virtual-hosted addressing.)
+    client.close()
+    return session.client(
+        "s3", endpoint_url=endpoint_url, config=config.merge(Config(s3={"addressing_style": "path"}))
+    )
 
 
 def _custom_endpoint(endpoint_url: str) -> bool:

@@ -37,6 +37,25 @@ def check_mode(file_urls: str) -> None:
         )
 
 
+def check_presign_endpoint(file_urls: str, endpoint: str | None) -> None:
+    """Refuse a `--presign-endpoint` that is not an http(s) origin, or is given without presigned URLs."""
+    if endpoint is None:
+        return
+    if file_urls != "presigned":
+        raise ValueError("--presign-endpoint is for --file-urls presigned only")
+    parts = urlsplit(endpoint)
+    # Not echoed: a URL with user info would print a secret.
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError("--presign-endpoint: expected an http(s) origin like https://s3.example.com")
+
+
 class FileUrls:
     def __init__(self, file_urls: str, storage: Storage, public_url: str | None) -> None:
         check_mode(file_urls)
