@@ -271,6 +271,7 @@ def test_non_http_schemes_refused(url: str, no_connections: None) -> None:
     error = _fetch_error(url, "127.0.0.1")
     assert error.error_type == "file_download_error"
     assert "only http and https" in error.message or "Invalid URL" in error.message
+    assert error.refused is True  # no later try could pass
 
 
 def test_credentials_not_echoed(server: _LoopbackServer) -> None:
@@ -290,6 +291,7 @@ def test_resolved_documentation_address_refused_without_connecting(no_connection
         "Refused to fetch http://images.test/cat.png: 203.0.113.5 is a documentation address"
     )
     assert calls == [("images.test", 80)]
+    assert error.refused is True
 
 
 def test_one_bad_answer_refuses_all(no_connections: None) -> None:
@@ -301,6 +303,7 @@ def test_one_bad_answer_refuses_all(no_connections: None) -> None:
 def test_unresolvable_name(no_connections: None) -> None:
     error = _fetch_error("http://missing.test/x", resolver=_fake_resolver({}, []))
     assert error.message == "Failed to fetch http://missing.test/x: could not resolve missing.test"
+    assert error.refused is False  # a name may resolve later
 
 
 def test_ip_literal_is_not_resolved(server: _LoopbackServer) -> None:
@@ -503,6 +506,7 @@ def test_post_refused_when_not_allowed(server: _LoopbackServer) -> None:
     with pytest.raises(FetchError, match=r"127\.0\.0\.1 is a loopback address") as info:
         _post(server.url("/hook"))
     assert info.value.error_type == "file_download_error"
+    assert info.value.refused is True
     assert server.requests == []
 
 
@@ -510,8 +514,9 @@ def test_post_connection_error() -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         dead = closed.getsockname()[1]
-    with pytest.raises(FetchError, match="could not connect"):
+    with pytest.raises(FetchError, match="could not connect") as info:
         _post(f"http://127.0.0.1:{dead}/hook", "127.0.0.1")
+    assert info.value.refused is False  # the receiver may be back later
 
 
 # --- images ------------------------------------------------------------------------------------------

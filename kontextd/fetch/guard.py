@@ -26,13 +26,18 @@ _DISPLAY_URL_MAX = 200
 
 
 class FetchError(Exception):
-    """A fetch failed; ``error_type`` is the fal.ai validation error type to report."""
+    """A fetch failed; ``error_type`` is the fal.ai validation error type to report. ``refused``: the URL
+    itself is refused (malformed, a scheme or an address the guard never allows), so trying it again
+    cannot succeed; anything else (resolving, connecting, a timeout, an answer) may pass later."""
 
-    def __init__(self, error_type: str, message: str, ctx: dict | None = None) -> None:
+    def __init__(
+        self, error_type: str, message: str, ctx: dict | None = None, *, refused: bool = False
+    ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.ctx = ctx if ctx is not None else {}
+        self.refused = refused
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,8 @@ def _connect_failure(exc: BaseException) -> str:
     return "could not connect to"
 
 
-def _download_error(message: str) -> FetchError:
-    return FetchError("file_download_error", message)
+def _download_error(message: str, *, refused: bool = False) -> FetchError:
+    return FetchError("file_download_error", message, refused=refused)
 
 
 def _ssl_context(verify: ssl.SSLContext | bool | str) -> ssl.SSLContext | bool:
@@ -209,12 +214,14 @@ class GuardedFetcher:
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL:
-            raise _download_error(f"Invalid URL: {shown}") from None
+            raise _download_error(f"Invalid URL: {shown}", refused=True) from None
         if parsed.scheme not in ("http", "https"):
-            raise _download_error(f"Refused to fetch {shown}: only http and https URLs are supported")
+            raise _download_error(
+                f"Refused to fetch {shown}: only http and https URLs are supported", refused=True
+            )
         host = parsed.raw_host.decode("ascii")
         if not host:
-            raise _download_error(f"Invalid URL: {shown}")
+            raise _download_error(f"Invalid URL: {shown}", refused=True)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
 
         try:
@@ -232,7 +239,9 @@ class GuardedFetcher:
             reason = refusal_reason(ip)
             if reason is not None and not self._allow.allows(host, ip):
                 article = "an" if reason[0] in "aeiou" else "a"
-                raise _download_error(f"Refused to fetch {shown}: {ip} is {article} {reason} address")
+                raise _download_error(
+                    f"Refused to fetch {shown}: {ip} is {article} {reason} address", refused=True
+                )
         return _Target(parsed, tuple(addresses))
 
     async def _send(

@@ -147,8 +147,8 @@ class WebhookDispatcher:
             )
             if delivery is None:
                 return  # ended or taken since it was listed
-            delivered, error = await self._send(delivery)
-            await self._record(delivery, target, delivered, error)
+            delivered, error, final = await self._send(delivery)
+            await self._record(delivery, target, delivered, error, final)
         except Exception:  # a store failure: the delivery stays due (or falls due at its deadline)
             log.exception("webhook try failed", extra={"delivery_id": delivery_id, "target": target})
 
@@ -161,20 +161,25 @@ class WebhookDispatcher:
             message["payload"] = self._render(message["payload"])
         return json.dumps(message, separators=(",", ":")).encode()
 
-    async def _send(self, delivery: WebhookDelivery) -> tuple[bool, str]:
+    async def _send(self, delivery: WebhookDelivery) -> tuple[bool, str, bool]:
+        """Whether the receiver took it, what to record, and whether this try is the last either way."""
         body = self._body(delivery.body)
         headers = {"Content-Type": "application/json", WEBHOOK_ID_HEADER: webhook_id(delivery)}
         headers |= self._signer.sign_headers(delivery.request_id, delivery.user_id, body)
         try:
             code = await self._fetcher.post(delivery.url, body, headers)
         except FetchError as failure:
-            return False, failure.message
-        return 200 <= code < 300, f"HTTP {code}"
+            # A refused URL stays refused (an address the guard never allows, a bad URL): no more tries.
+            return False, failure.message, failure.refused
+        delivered = 200 <= code < 300
+        return delivered, f"HTTP {code}", delivered
 
-    async def _record(self, delivery: WebhookDelivery, target: str, delivered: bool, error: str) -> None:
+    async def _record(
+        self, delivery: WebhookDelivery, target: str, delivered: bool, error: str, final: bool
+    ) -> None:
         tries = delivery.attempts + 1
         next_attempt = None
-        if not delivered and tries <= len(self._backoff):
+        if not final and tries <= len(self._backoff):
             next_attempt = time.time() + self._backoff[tries - 1]
         await asyncio.to_thread(
             self._store.webhook_attempted, delivery.delivery_id, delivered, next_attempt, error
