@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.95
 DEFAULT_TIMEOUT = 900.0  # seconds for one mutant's tests: a hang is reported as a timeout, not waited out
-AREAS = ("jobs", "api", "catalogue", "fetch", "storage", "webhooks", "worker", "runtime", "server")
+AREAS = ("jobs", "api", "shown", "catalogue", "fetch", "storage", "webhooks", "worker", "runtime", "server")
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "api-validation-infinity-unshown",
-        ERRORS_PY,
+        "kontextd/shown.py",
         "if math.isfinite(value):\n            return value",
         "if not math.isnan(value):\n            return value",
         "the validation handler echoes Infinity as a float, which JSON cannot carry (a 500)",
@@ -637,8 +637,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "worker-image-error-echoes-data-uri",
         RUNNER_PY,
-        'shown = url if not url.startswith("data:") else url[:40] + "…"',
-        "shown = url",
+        '"input": shown_text(url),',
+        '"input": url,',
         "an input image that fails to load echoes its whole data URI in the result",
         HOSTILE,
         _node(QUEUE, "test_run_route_with_an_image_that_is_not_one"),

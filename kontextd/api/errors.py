@@ -7,7 +7,6 @@ Errors in headers are the client's transport, not its input: they answer 400 in 
 """
 
 import logging
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from kontextd.jobs.store import StoreUnavailable
+from kontextd.shown import ITEMS_SHOWN, shown, shown_text
 from kontextd.storage.base import StorageUnavailable
 
 log = logging.getLogger("kontextd.api")
@@ -23,56 +23,11 @@ log = logging.getLogger("kontextd.api")
 RETRY_AFTER_SECONDS = 5  # a full disk or a busy database: worth retrying soon, not hammering
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a 20 MB image as a base64 data URI, with room to spare
 
-TEXT_SHOWN = 200  # characters of a string value echoed back in an error
-ITEMS_SHOWN = 20  # entries of a list or object echoed back
-DEPTH_SHOWN = 4
-
-
-def shown(value: Any, depth: int = 0) -> Any:
-    """A value from a request as an error may show it: bounded, JSON-safe, and never image bytes."""
-    if isinstance(value, str):
-        return _shown_text(value)
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        digits = str(value)
-        return value if len(digits) <= 40 else f"{digits[:20]}… ({len(digits)} digits)"
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, bytes | bytearray):
-        return f"<{len(value)} bytes>"
-    if depth >= DEPTH_SHOWN:
-        return "…"
-    if isinstance(value, dict):
-        items = list(value.items())
-        out = {_shown_text(str(key)): shown(item, depth + 1) for key, item in items[:ITEMS_SHOWN]}
-        if len(items) > ITEMS_SHOWN:
-            out["…"] = f"{len(items) - ITEMS_SHOWN} more"
-        return out
-    if isinstance(value, list | tuple):
-        out_list = [shown(item, depth + 1) for item in value[:ITEMS_SHOWN]]
-        if len(value) > ITEMS_SHOWN:
-            out_list.append(f"… {len(value) - ITEMS_SHOWN} more")
-        return out_list
-    return _shown_text(str(value))  # an exception in ctx, a Decimal …
-
-
-def _shown_text(text: str) -> str:
-    if text[:5].lower() == "data:":
-        header = text[: min(text.find(",") + 1 or len(text), 100)]
-        return f"{header}… ({len(text)} characters)"
-    if len(text) > TEXT_SHOWN:
-        text = f"{text[:TEXT_SHOWN]}… ({len(text)} characters)"
-    # Lone surrogates cannot be written as UTF-8: show them as escapes.
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
 
 def _detail(error: dict[str, Any]) -> dict[str, Any]:
     entry: dict[str, Any] = {
-        "loc": [part if isinstance(part, int) else _shown_text(str(part)) for part in error.get("loc", ())],
-        "msg": _shown_text(str(error.get("msg", ""))),
+        "loc": [part if isinstance(part, int) else shown_text(str(part)) for part in error.get("loc", ())],
+        "msg": shown_text(str(error.get("msg", ""))),
         "type": str(error.get("type", "value_error")),
     }
     if "input" in error:

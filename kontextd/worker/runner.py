@@ -22,6 +22,7 @@ from kontextd.jobs import outcomes
 from kontextd.jobs.lifecycle import MAX_STORAGE_FAILURES
 from kontextd.jobs.model import Job, Outcome, Release, State
 from kontextd.jobs.store import JobStore, StoreUnavailable
+from kontextd.shown import shown_text
 from kontextd.storage.base import Storage, StorageUnavailable
 from kontextd.storage.keys import output_key
 from kontextd.storage.urls import KEY_FIELD
@@ -302,8 +303,13 @@ class RequestProgress:
 
 
 def _image_error(error: FetchError, url: str) -> Outcome:
-    shown = url if not url.startswith("data:") else url[:40] + "…"  # never echo image bytes back
-    detail = {"loc": ["body", "image_url"], "msg": error.message, "type": error.error_type, "input": shown}
+    # Shown as the API shows a refused input: a data URI by its header and length, never its bytes.
+    detail = {
+        "loc": ["body", "image_url"],
+        "msg": error.message,
+        "type": error.error_type,
+        "input": shown_text(url),
+    }
     if error.ctx:
         detail["ctx"] = error.ctx
     return outcomes.invalid_input([detail], error.message)
