@@ -9,7 +9,7 @@ path.)
 import contextlib
 import itertools
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 from urllib.parse import quote
@@ -69,35 +69,34 @@ def bulk(store: JobStore, per_commit: int = 1000) -> Iterator[None]:
     """Many submits per transaction, one commit per `per_commit` instead of one each, through submit
     itself: tickets and positions are the store's own. Not all in one transaction: PostgreSQL keeps every
     version of a row updated over and over in one transaction (the ticket counter) until it ends, and each
-    update walks them."""
+    update walks them. The store's own commit steps are bypassed, its poll cache's included: poll through
+    another store instance (or process) afterwards."""
     uses = itertools.count(1)
+    with _held(store) as (connection, begin, handed, before_commit):
+
+        def write() -> contextlib.AbstractContextManager[Any]:
+            if next(uses) % per_commit == 0:
+                before_commit()
+                connection.execute("COMMIT")
+                connection.execute(begin)
+            return contextlib.nullcontext(handed)
+
+        connection.execute(begin)
+        with mock.patch.object(store, "_write", write):
+            yield
+        before_commit()
+        connection.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def _held(store: JobStore) -> Iterator[tuple[Any, str, Any, Callable[[], None]]]:
+    """What bulk() needs of a store: one connection held throughout, how a write transaction begins on
+    it, what the store's own `_write()` would hand its callers, and what must go out before each commit."""
     if isinstance(store, SQLiteJobStore):
         with store._pool.connection() as connection:
-
-            def write_sqlite() -> contextlib.AbstractContextManager[Any]:
-                if next(uses) % per_commit == 0:
-                    connection.execute("COMMIT")
-                    connection.execute("BEGIN IMMEDIATE")
-                return contextlib.nullcontext(connection)
-
-            connection.execute("BEGIN IMMEDIATE")
-            with mock.patch.object(store, "_write", write_sqlite):
-                yield
-            connection.execute("COMMIT")
+            yield connection, "BEGIN IMMEDIATE", connection, lambda: None
         return
     assert isinstance(store, PostgresJobStore)
     with store._connection() as connection:
         transaction = _Transaction(connection)
-
-        def write_postgres() -> contextlib.AbstractContextManager[Any]:
-            if next(uses) % per_commit == 0:
-                transaction.send_notifications()
-                connection.execute("COMMIT")
-                connection.execute("BEGIN")
-            return contextlib.nullcontext(transaction)
-
-        connection.execute("BEGIN")
-        with mock.patch.object(store, "_write", write_postgres):
-            yield
-        transaction.send_notifications()
-        connection.execute("COMMIT")
+        yield connection, "BEGIN", transaction, transaction.send_notifications
