@@ -13,7 +13,7 @@ So every response (result, sync run, webhook) renders them now, in one of three 
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from kontextd.storage import keys
 from kontextd.storage.base import Storage
@@ -25,12 +25,20 @@ MODES = ("proxy", "presigned")
 _PROBE_KEY = keys.output_key("00000000-0000-4000-8000-000000000000", 0, "png")
 
 
+def _http_base(url: str) -> SplitResult | None:
+    """`url`'s parts when it is an http(s) URL with a host and neither query nor fragment: a base that
+    keys or paths are appended to."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        return None
+    return parts
+
+
 def check_mode(file_urls: str) -> None:
     """Refuse a `--file-urls` value that is neither a mode nor an http(s) base URL, saying why."""
     if file_urls in MODES:
         return
-    parts = urlsplit(file_urls)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+    if _http_base(file_urls) is None:
         raise ValueError(
             f"--file-urls {file_urls!r}: expected proxy, presigned, or an http(s) base URL like "
             "https://cdn.example.com/outputs"
@@ -43,16 +51,9 @@ def check_presign_endpoint(file_urls: str, endpoint: str | None) -> None:
         return
     if file_urls != "presigned":
         raise ValueError("--presign-endpoint is for --file-urls presigned only")
-    parts = urlsplit(endpoint)
-    # Not echoed: a URL with user info would print a secret.
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or "@" in parts.netloc
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.fragment
-    ):
+    parts = _http_base(endpoint)
+    # An origin: no user info (and not echoed: it would print a secret), no path.
+    if parts is None or not parts.hostname or "@" in parts.netloc or parts.path not in ("", "/"):
         raise ValueError("--presign-endpoint: expected an http(s) origin like https://s3.example.com")
 
 
