@@ -517,6 +517,13 @@ def test_polls_are_answered_from_memory_until_any_node_announces_a_change(
         heard.after(lambda: other.claim("w", LEASE, now, lane=lane), "head")
         again = polled(polling, "behind")
         assert (again.queue_position, again.summary.app_id) == (0, "probe")
+        # A write transaction through this node that changes no job (a sweep finding nothing, a claim in an
+        # empty lane) drops nothing.
+        with raw(pg_dsn) as admin:
+            admin.execute("UPDATE kontextd_jobs SET app_id = 'probe-2' WHERE request_id = 'behind'")
+        assert polling.expire_unstarted(now) == 0
+        assert polling.claim("idle", LEASE, now, lane=f"empty-{os.urandom(4).hex()}") is None
+        assert polled(polling, "behind").summary.app_id == "probe"
         # With logs is a row of its own, refreshed by a log line written through another node.
         assert polled(polling, "head", with_logs=True).logs == []
         heard.after(lambda: other.append_log("head", "step 1/2", "INFO", now), "head")

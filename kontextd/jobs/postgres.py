@@ -393,8 +393,9 @@ class PostgresJobStore:
             yield transaction
             changed = transaction.changed_jobs
             transaction.send_notifications()
-        # Committed: this node's polls see the change now, not only once its announcement comes back.
-        self._poll_cache.changed(changed)
+        if changed:  # a write that changed no job (a sweep finding nothing, an empty claim) drops nothing
+            # Committed: this node's polls see the change now, not only once its announcement comes back.
+            self._poll_cache.changed(changed)
 
     def close(self) -> None:
         with self._listeners_lock:
