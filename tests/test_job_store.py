@@ -607,6 +607,19 @@ def test_claim_skips_and_times_out_a_job_whose_start_deadline_passed(store: JobS
     assert claim(store, now) is None
 
 
+def test_a_start_deadline_of_exactly_now_still_starts(store: JobStore) -> None:
+    now = time.time()
+    store.submit(new_job("due-now", start_deadline=now))
+    store.submit(new_job("due-later", start_deadline=now + 1))
+    job = claim(store, now)
+    assert job is not None and job.request_id == "due-now" and job.state is State.IN_PROGRESS
+    assert job.attempts == 1 and job.started_at == now
+    assert positions(store, ["due-later"]) == [0]  # it left the queue: the next one moved to the head
+    job = claim(store, now + 1)
+    assert job is not None and job.request_id == "due-later"
+    assert claim(store, now + 1) is None
+
+
 def test_expire_unstarted_times_out_queued_jobs_whose_deadline_passed(store: JobStore) -> None:
     now = time.time()
     store.submit(new_job("n0"))

@@ -205,6 +205,36 @@ _POLL = (
 )
 
 
+# A worker's claim in one statement, so one round trip (in autocommit, its own transaction), for what a
+# claim nearly always is: lock the head of the lane that nobody else holds (a concurrent claimer skips past
+# it instead of waiting for our commit), start it, leave its hole behind and announce it. When the head's
+# start deadline passed, only `head_id` comes back and nothing changed: claim() then takes the general way.
+_CLAIM_HEAD = f"""
+    WITH head AS (
+        SELECT request_id, start_deadline FROM kontextd_jobs WHERE state = 'IN_QUEUE' AND lane = %(lane)s
+        ORDER BY priority, ticket LIMIT 1 FOR UPDATE SKIP LOCKED
+    ), started AS (
+        UPDATE kontextd_jobs AS job SET state = 'IN_PROGRESS', worker_id = %(worker_id)s,
+            lease_expires_at = %(lease_expires_at)s, started_at = %(now)s, attempts = job.attempts + 1
+        FROM head WHERE job.request_id = head.request_id
+            AND (head.start_deadline IS NULL OR head.start_deadline >= %(now)s)
+        RETURNING job.*
+    ), hole AS (
+        INSERT INTO kontextd_queue_holes (lane, priority, ticket)
+        SELECT lane, priority, ticket FROM started ON CONFLICT DO NOTHING
+    )
+    SELECT started.*, head.request_id AS head_id, CASE WHEN started.request_id IS NOT NULL
+        THEN pg_notify('{JOB_CHANNEL}', started.request_id) END AS announced
+    FROM head LEFT JOIN started ON true
+"""
+# A worker ending the job it holds, in one statement (one round trip) when the job has no webhook to queue
+# with its end: finishing only if it is still this worker's running job, announced with the change.
+_FINISH_HELD = (
+    f"{_SQL.finish} AND state = 'IN_PROGRESS' AND worker_id = %s AND webhook_url IS NULL"
+    f" RETURNING pg_notify('{JOB_CHANNEL}', request_id)"
+)
+
+
 def _polled(row: Mapping[str, Any]) -> Polled:
     logs = None if row["logs"] is None else [rows.log_line(line) for line in row["logs"]]
     return Polled(rows.summary(row), None if row["ahead"] is None else int(row["ahead"]), logs)
@@ -559,6 +589,19 @@ class PostgresJobStore:
             await pool.close(timeout=5.0)
 
     def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
+        params = {"lane": lane, "worker_id": worker_id, "lease_expires_at": now + lease_seconds, "now": now}
+        with self._connection() as connection:
+            head = connection.execute(_CLAIM_HEAD, params).fetchone()
+        if head is None:
+            return None
+        if head["request_id"] is not None:
+            self._poll_cache.changed([head["request_id"]])
+            return rows.job(head)
+        return self._claim_timing_out(worker_id, lease_seconds, now, lane)
+
+    def _claim_timing_out(self, worker_id: str, lease_seconds: float, now: float, lane: str) -> Job | None:
+        """A claim that meets jobs whose start deadline passed: each is completed as timed out on the way,
+        in the one transaction that then starts the first job still in time."""
         with self._write() as transaction:
             while True:
                 # The head of the lane that nobody else holds: a concurrent claimer skips past the row we
@@ -590,6 +633,15 @@ class PostgresJobStore:
             return cursor.rowcount == 1
 
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
+        if worker_id is not None:
+            with self._connection() as connection:
+                finished = connection.execute(
+                    _FINISH_HELD, (*statements.finish_params(request_id, outcome, now), worker_id)
+                ).rowcount
+            if finished:
+                self._poll_cache.changed([request_id])
+                return True
+            # Not finished: it has a webhook to queue with its end, or is no longer this worker's.
         with self._write() as transaction:
             row = self._locked(transaction, request_id)
             if row is None or row["state"] == State.COMPLETED:
@@ -611,7 +663,7 @@ class PostgresJobStore:
         self, transaction: _Transaction, row: Mapping[str, Any], outcome: Outcome, now: float
     ) -> None:
         """End a job (its row locked by us) and queue its webhook in the same transaction."""
-        transaction.execute(_SQL.finish, statements.finish_params(row, outcome, now))
+        transaction.execute(_SQL.finish, statements.finish_params(row["request_id"], outcome, now))
         if row["webhook_url"]:
             transaction.execute(_SQL.queue_webhook, statements.webhook_params(row, outcome, now))
         transaction.changed(row["request_id"])

@@ -464,7 +464,7 @@ class SQLiteJobStore:
             return True
 
     def _finish(self, connection: sqlite3.Connection, row: sqlite3.Row, outcome: Outcome, now: float) -> None:
-        connection.execute(_SQL.finish, statements.finish_params(row, outcome, now))
+        connection.execute(_SQL.finish, statements.finish_params(row["request_id"], outcome, now))
         if row["webhook_url"]:
             connection.execute(_SQL.queue_webhook, statements.webhook_params(row, outcome, now))
 

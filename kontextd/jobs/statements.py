@@ -113,9 +113,9 @@ class Statements:
             f"UPDATE {jobs} SET lease_expires_at = {p} WHERE request_id = {p} AND worker_id = {p}"
             " AND state = 'IN_PROGRESS'"
         )
-        self.finish = (  # parameters: finish_params()
+        self.finish = (  # parameters: finish_params(); ends with its WHERE, which a store may narrow
             f"UPDATE {jobs} SET state = 'COMPLETED', completed_at = {p}, outcome_json = {p},"
-            f" result_json = {p}, expires_at = {p}, worker_id = NULL, lease_expires_at = NULL"
+            f" result_json = {p}, expires_at = {p} + output_ttl, worker_id = NULL, lease_expires_at = NULL"
             f" WHERE request_id = {p}"
         )
         self.queue_webhook = (  # parameters: webhook_params()
@@ -197,11 +197,11 @@ class Statements:
         )
 
 
-def finish_params(row: rows.Row, outcome: Outcome, now: float) -> tuple[Any, ...]:
-    """Statements.finish's parameters: how the job in `row` (its control columns) ended, at `now`."""
-    expires_at = now + row["output_ttl"] if row["output_ttl"] is not None else None
+def finish_params(request_id: str, outcome: Outcome, now: float) -> tuple[Any, ...]:
+    """Statements.finish's parameters: how the job ended, at `now` (its outputs expire `output_ttl` later,
+    never when it has none)."""
     outcome_json = json.dumps(rows.outcome_fields(outcome))
-    return (now, outcome_json, json.dumps(outcome.body), expires_at, row["request_id"])
+    return (now, outcome_json, json.dumps(outcome.body), now, request_id)
 
 
 def webhook_params(row: rows.Row, outcome: Outcome, now: float) -> tuple[Any, ...]:

@@ -172,8 +172,9 @@ class Worker:
             pause = min(pause * 2, RECORD_RETRY_MAX)
 
     def _execute(self, job: Job) -> Outcome:
-        if self.cancel_requested(job.request_id):
-            raise GenerationCancelled
+        # No cancel check here: a job is claimed without the flag (a queued job cancelled ends at once, and
+        # a flagged one handed back ends instead of being re-queued), and the backend asks between steps
+        # and before it sends anything upstream.
         generation = generation_job(
             BY_APP_ID[job.app_id].input_model.model_validate(job.input),
             self._load_image_logged(job.request_id),
