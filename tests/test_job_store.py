@@ -641,6 +641,64 @@ def test_expire_unstarted_times_out_queued_jobs_whose_deadline_passed(store: Job
     assert claimed_ids(store, now + 100) == ["n0", "n1", "l0"]
 
 
+# -- checkpoints: what a run keeps for a re-run to resume --------------------------------------------
+
+
+def test_checkpoints_are_kept_only_by_the_running_worker(store: JobStore) -> None:
+    now = time.time()
+    submit_all(store, ["a", "queued"])
+    job = claim(store, now)
+    assert job is not None and job.checkpoints == {}
+    assert store.checkpoint("a", "worker-a", "task 1", "https://upstream.example/poll?id=1") is True
+    assert store.checkpoint("a", "worker-a", "task 2", "") is True  # an empty value is a value
+    assert store.checkpoint("a", "worker-a", "task 1", "https://upstream.example/poll?id=3") is True
+    assert store.checkpoint("a", "worker-b", "task 9", "x") is False  # not this worker's job
+    assert store.checkpoint("queued", "worker-a", "task 1", "x") is False
+    assert store.checkpoint("unknown", "worker-a", "task 1", "x") is False
+    expected = {"task 1": "https://upstream.example/poll?id=3", "task 2": ""}
+    assert get(store, "a").checkpoints == expected
+    assert get(store, "queued").checkpoints == {}
+    # Names and values are kept as they are, quotes, dots and all.
+    odd = {'a "quoted" $.name': 'va"lue\\', "ünï": "\n"}
+    for name, value in odd.items():
+        assert store.checkpoint("a", "worker-a", name, value) is True
+    assert get(store, "a").checkpoints == expected | odd
+
+
+@pytest.mark.parametrize("stop", ["shutdown", "lapsed", "restart"])
+def test_a_re_run_gets_the_checkpoints_of_the_run_before(store: JobStore, stop: str) -> None:
+    now = time.time()
+    submit_all(store, ["a"])
+    assert claim(store, now) is not None
+    assert store.checkpoint("a", "worker-a", "task 1", "handle-1")
+    if stop == "shutdown":
+        assert store.release("a", "worker-a", Release.SHUTDOWN, now + 1) is State.IN_QUEUE
+    elif stop == "lapsed":
+        assert store.recover_abandoned(now + LEASE + 1) == 1
+    elif store.shared:  # a shared store re-queues nothing at start-up: the lease lapses instead
+        assert store.recover_after_restart(now + 1) == 0
+        assert store.recover_abandoned(now + LEASE + 1) == 1
+    else:
+        assert store.recover_after_restart(now + 1) == 1
+    job = claim(store, now + LEASE + 2, worker_id="worker-b")
+    assert job is not None and job.attempts == 2 and job.checkpoints == {"task 1": "handle-1"}
+    assert store.checkpoint("a", "worker-a", "task 1", "stale") is False  # the first worker's is over
+    assert store.checkpoint("a", "worker-b", "task 2", "handle-2") is True
+    assert get(store, "a").checkpoints == {"task 1": "handle-1", "task 2": "handle-2"}
+
+
+def test_checkpoints_go_when_the_job_ends(store: JobStore) -> None:
+    now = time.time()
+    submit_all(store, ["a", "b"])
+    assert claim(store, now) is not None and claim(store, now) is not None
+    assert store.checkpoint("a", "worker-a", "task 1", "handle-a")
+    assert store.checkpoint("b", "worker-a", "task 1", "handle-b")
+    assert store.complete("a", succeeded(), now + 1, worker_id="worker-a") is True
+    assert store.complete("b", succeeded(), now + 1) is True  # ended by anyone, without a worker id
+    assert get(store, "a").checkpoints == {} and get(store, "b").checkpoints == {}
+    assert store.checkpoint("a", "worker-a", "task 2", "late") is False
+
+
 # -- leases and recovery ---------------------------------------------------------------------------
 
 

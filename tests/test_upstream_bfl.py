@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -47,9 +48,14 @@ DEV = "fal-ai/flux-kontext/dev"
 
 
 class RecordingProgress:
+    """Keeps log lines and checkpoints; a later run given the same one resumes from its checkpoints, as a
+    re-run of the request does. `stopping` cancels as a shutdown does (handing the request back)."""
+
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.cancel = threading.Event()
+        self.stopping = threading.Event()
+        self.kept: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def step(self, step: int, total: int) -> None:
@@ -60,7 +66,18 @@ class RecordingProgress:
             self.lines.append(message)
 
     def cancelled(self) -> bool:
-        return self.cancel.is_set()
+        return self.cancel.is_set() or self.stopping.is_set()
+
+    def handing_back(self) -> bool:
+        return self.stopping.is_set()
+
+    def checkpoint(self, name: str, value: str) -> None:
+        with self._lock:
+            self.kept[name] = value
+
+    def resumed(self, name: str) -> str | None:
+        with self._lock:
+            return self.kept.get(name)
 
     def text(self) -> str:
         with self._lock:
@@ -476,6 +493,40 @@ def test_cancelling_stops_every_task_polling(fake: FakeBfl, backend: BflBackend)
     assert seen >= 6 and not task_threads()
 
 
+def test_a_re_run_resumes_the_tasks_it_had_submitted(fake: FakeBfl, backend: BflBackend) -> None:
+    fake.pending_polls = 10**6
+    progress = RecordingProgress()
+    thread, raised = run_in_thread(backend, job(num_images=2, seed=0), progress)
+    wait_for(lambda: len(progress.kept) == 2, timeout=10)  # both accepted, both polling URLs kept
+    progress.stopping.set()  # the server stops: the request is handed back
+    thread.join(10)
+    assert not thread.is_alive() and isinstance(raised[0], GenerationCancelled)
+    assert "the BFL tasks go on, for the re-run to resume" in progress.text()
+    first = sorted(fake.accepted(), key=lambda task: task.seed)  # submitted at once, in either order
+    assert [task.seed for task in first] == [0, 1]
+    assert sorted(progress.kept.values()) == sorted(f"{fake.url}/v1/get_result?id={t.id}" for t in first)
+    for thread_left in task_threads():
+        thread_left.join(10)
+
+    fake.pending_polls = 0
+    progress.stopping.clear()
+    generated = backend.generate(job(num_images=2, seed=0), progress)  # the re-run, with the same checkpoints
+    assert len(fake.submits()) == 2  # nothing submitted again: BFL bills each task once
+    assert [image.data for image in generated.images] == [fake.sample_bytes(task) for task in first]
+    assert progress.text().count("resuming the task an earlier run submitted") == 2
+
+
+def test_a_task_bfl_no_longer_knows_is_submitted_again(fake: FakeBfl, backend: BflBackend) -> None:
+    progress = RecordingProgress()
+    progress.kept["bfl task 1"] = f"{fake.url}/v1/get_result?id=gone"  # an earlier run's, expired at BFL
+    generated = backend.generate(job(seed=4), progress)
+    [task] = fake.accepted()
+    assert task.seed == 4 and len(fake.submits()) == 1 and len(fake.polls("gone")) == 1
+    assert generated.images[0].data == fake.sample_bytes(task)
+    assert "gone at BFL; submitting it again" in progress.text()
+    assert progress.kept["bfl task 1"] == f"{fake.url}/v1/get_result?id={task.id}"
+
+
 # -- end to end through a kontextd process ---------------------------------------------------------------
 
 
@@ -616,6 +667,49 @@ def test_e2e_cancelling_a_running_request_stops_upstream_polls(api: httpx.Client
     assert len(later_polls) == 4
     stray = [poll.at - later_polls[0].at for poll in fake.polls(cancelled.id) if poll.at > later_polls[0].at]
     assert stray == [], f"the cancelled task was still polled {stray} s after the later task's first poll"
+
+
+def test_e2e_a_request_interrupted_twice_is_submitted_to_bfl_once(fake: FakeBfl, tmp_path: Path) -> None:
+    """A graceful stop, then a crash, while BFL works on the request's two tasks: each re-run polls the
+    tasks the first run submitted, so BFL is asked (and bills) for two images, not six."""
+    fake.pending_polls = 10**6  # BFL keeps both tasks pending until the test lets them finish
+    settings = tmp_path / "kontextd.toml"
+    settings.write_text("[bfl]\nrequest_timeout = 5\ntask_timeout = 60\nworkers = 1\n")
+    server = KontextdServer(
+        tmp_path / "data",
+        args=["--config", str(settings)],
+        env={"BFL_API_KEY": KEY, "KONTEXTD_BFL_BASE_URL": fake.url},
+    ).start()
+    try:
+        with server.client() as api:
+            envelope = submit(api, TEXT_TO_IMAGE, {"prompt": "twice stopped", "seed": 0, "num_images": 2})
+
+            def logged(text: str) -> int:
+                logs = api.get(envelope["status_url"], params={"logs": 1}).json()["logs"] or []
+                return sum(text in line["message"] for line in logs)
+
+            # The barrier: a task's "submitted" line is written after its polling URL is kept.
+            wait_for(lambda: logged("submitted (id") == 2, timeout=20)
+        server.stop()  # SIGTERM: the request is handed back
+        server.start()
+        with server.client() as api:
+            wait_for(lambda: logged("resuming the task an earlier run submitted") == 2, timeout=20)
+        server.kill9()  # no shutdown code runs: found running at the next start-up
+        server.start()
+        with server.client() as api:
+            wait_for(lambda: logged("resuming the task an earlier run submitted") == 4, timeout=20)
+            fake.pending_polls = 0
+            status = wait_completed(api, envelope["status_url"], timeout=30)
+            assert status.get("error") is None, status
+            assert len(fake.submits()) == 2
+            tasks = sorted(fake.accepted(), key=lambda task: task.seed)
+            assert [task.seed for task in tasks] == [0, 1]
+            images = api.get(envelope["response_url"]).json()["images"]
+            assert [api.get(image["url"]).content for image in images] == [
+                fake.sample_bytes(task) for task in tasks
+            ]
+    finally:
+        server.stop()
 
 
 def test_e2e_the_key_never_appears_in_the_server_output(

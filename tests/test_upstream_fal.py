@@ -119,11 +119,15 @@ def fake(fake_server: FakeFal) -> FakeFal:
 
 
 class Recorder:
-    """A Progress that keeps every log line and cancels on demand."""
+    """A Progress that keeps every log line and checkpoint, and cancels on demand: `cancel` as the client
+    does, `stopping` as a shutdown does (handing the request back). A later run given the same one resumes
+    from its checkpoints, as a re-run of the request does."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.cancel = threading.Event()
+        self.stopping = threading.Event()
+        self.kept: dict[str, str] = {}
 
     def step(self, step: int, total: int) -> None:
         pass
@@ -132,7 +136,16 @@ class Recorder:
         self.lines.append(message)
 
     def cancelled(self) -> bool:
-        return self.cancel.is_set()
+        return self.cancel.is_set() or self.stopping.is_set()
+
+    def handing_back(self) -> bool:
+        return self.stopping.is_set()
+
+    def checkpoint(self, name: str, value: str) -> None:
+        self.kept[name] = value
+
+    def resumed(self, name: str) -> str | None:
+        return self.kept.get(name)
 
 
 @pytest.fixture
@@ -468,6 +481,41 @@ def test_cancel_puts_cancel_and_stops_polling(fake: FakeFal, make_backend) -> No
     assert all(call.at <= cancel.at for call in fake.calls("GET", "/status"))
 
 
+def test_a_re_run_follows_the_fal_request_it_had_submitted(fake: FakeFal, make_backend) -> None:
+    fake.behaviour = Behaviour(never_complete=True, queued_polls=0)
+    backend, progress = make_backend(), Recorder()
+    thread, raised = generate_in_thread(backend, make_job(TEXT_TO_IMAGE), progress)
+    wait_for(lambda: len(fake.calls("GET", "/status")) >= 2, timeout=5)
+    progress.stopping.set()  # the server stops: the request is handed back, to run again
+    thread.join(timeout=5)
+    assert not thread.is_alive() and isinstance(raised[0], GenerationCancelled)
+    assert fake.calls("PUT", "/cancel") == []  # left to run at fal: the re-run reads it
+    [request] = fake.requests.values()
+    assert json.loads(progress.kept["fal request"]) == {
+        "request_id": request.request_id,
+        **fake.queue_urls(TEXT_TO_IMAGE, request.request_id),
+    }
+
+    request.behaviour = Behaviour(queued_polls=0, progress_polls=1)  # fal finishes it meanwhile
+    progress.stopping.clear()
+    generated = backend.generate(make_job(TEXT_TO_IMAGE), progress)  # the re-run, same checkpoints
+    assert len(fake.submitted()) == 1  # one fal request, billed once
+    assert generated.images[0].data == output_bytes(request.request_id, 0, "png")
+    assert f"Resuming fal request {request.request_id}" in "\n".join(progress.lines)
+
+
+def test_a_fal_request_fal_no_longer_knows_is_submitted_again(fake: FakeFal, make_backend) -> None:
+    progress = Recorder()
+    gone = {"request_id": "gone", **fake.queue_urls(TEXT_TO_IMAGE, "gone")}  # an earlier run's, expired
+    progress.kept["fal request"] = json.dumps(gone)
+    generated = make_backend().generate(make_job(TEXT_TO_IMAGE), progress)
+    [request] = fake.requests.values()
+    assert len(fake.submitted()) == 1 and request.request_id != "gone"
+    assert generated.images[0].data == output_bytes(request.request_id, 0, "png")
+    assert "fal no longer knows request gone; submitting again" in progress.lines
+    assert json.loads(progress.kept["fal request"])["request_id"] == request.request_id
+
+
 def test_cancelled_before_submit_sends_nothing(fake: FakeFal, make_backend) -> None:
     progress = Recorder()
     progress.cancel.set()
@@ -496,12 +544,13 @@ def test_one_slot_per_request(fake: FakeFal, make_backend) -> None:
 
 def test_key_never_logged_or_shown(fake: FakeFal, make_backend, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    progress = Recorder()
+    progresses = [Recorder() for _ in range(4)]  # one a request: each is a request of its own
     errors: list[str] = []
-    make_backend().generate(make_job(TEXT_TO_IMAGE), progress)
-    for behaviour in (
-        Behaviour(result_error=(422, GUIDANCE_422, None)),
-        Behaviour(never_complete=True),
+    make_backend().generate(make_job(TEXT_TO_IMAGE), progresses[0])
+    for behaviour, progress in zip(
+        (Behaviour(result_error=(422, GUIDANCE_422, None)), Behaviour(never_complete=True)),
+        progresses[1:3],
+        strict=True,
     ):
         fake.behaviour = behaviour
         with pytest.raises(GenerationRefused) as refused:
@@ -509,12 +558,13 @@ def test_key_never_logged_or_shown(fake: FakeFal, make_backend, caplog: pytest.L
         errors += [str(refused.value), repr(refused.value), refused.value.message]
     fake.fail("status", *[500] * 5)
     with pytest.raises(GenerationRefused) as refused:
-        make_backend(max_retries=1).generate(make_job(TEXT_TO_IMAGE), progress)
+        make_backend(max_retries=1).generate(make_job(TEXT_TO_IMAGE), progresses[3])
     errors.append(refused.value.message)
 
     assert caplog.records  # the backend did log
     logged = caplog.text + "".join(repr(vars(record)) for record in caplog.records)
-    for text in (logged, *errors, *progress.lines, repr(make_backend())):
+    lines = [line for progress in progresses for line in progress.lines]
+    for text in (logged, *errors, *lines, repr(make_backend())):
         assert KEY not in text
 
 

@@ -97,7 +97,20 @@ class Progress(Protocol):
         """A line for the request's logs (queue position upstream, retries, …)."""
 
     def cancelled(self) -> bool:
-        """True once the client asked to cancel: stop and raise GenerationCancelled."""
+        """True once the client asked to cancel, or the request is being handed back (the server stops):
+        stop and raise GenerationCancelled."""
+
+    def handing_back(self) -> bool:
+        """True when the stop is the server's, not the client's: the request runs again later, so work
+        kept with checkpoint() (an upstream task) is left to go on, for the re-run to resume."""
+
+    def checkpoint(self, name: str, value: str) -> None:
+        """Keep `value` (an upstream task's handle: its polling URL, its request id) with the request, so a
+        re-run after its worker was lost or stopped resumes the task instead of submitting it, and paying
+        for it, again. Best effort: when it cannot be kept, a re-run starts anew."""
+
+    def resumed(self, name: str) -> str | None:
+        """What an earlier run of this request kept under `name`; None on a first run."""
 
 
 class Backend(Protocol):
@@ -117,3 +130,12 @@ class QuietProgress:
 
     def cancelled(self) -> bool:
         return False
+
+    def handing_back(self) -> bool:
+        return False
+
+    def checkpoint(self, name: str, value: str) -> None:
+        pass
+
+    def resumed(self, name: str) -> str | None:
+        return None

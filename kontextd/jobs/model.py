@@ -86,6 +86,8 @@ class Job:
     failures: int = 0  # times its worker was lost while the server ran (lease lapsed): its own doing
     interruptions: int = 0  # times the server process died under it: not its fault, capped all the same
     storage_failures: int = 0  # times its images could not be stored (disk full)
+    # What earlier runs of it kept for a re-run to resume (JobStore.checkpoint): upstream tasks' handles.
+    checkpoints: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

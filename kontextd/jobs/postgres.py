@@ -138,6 +138,8 @@ MIGRATIONS: list[str] = [
     -- Deployment-wide secrets (the webhook signing key), made by the first node that asks.
     CREATE TABLE kontextd_secrets (name text PRIMARY KEY, value bytea NOT NULL);
     """,
+    # 2: what a run kept for a re-run to resume (JobStore.checkpoint), a JSON object; NULL once it ended.
+    "ALTER TABLE kontextd_jobs ADD COLUMN checkpoints_json text;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)  # what this node knows
 
@@ -631,6 +633,10 @@ class PostgresJobStore:
         with self._connection() as connection:
             cursor = connection.execute(_SQL.renew_lease, (now + lease_seconds, request_id, worker_id))
             return cursor.rowcount == 1
+
+    def checkpoint(self, request_id: str, worker_id: str, name: str, value: str) -> bool:
+        with self._connection() as connection:
+            return connection.execute(_SQL.checkpoint, (name, value, request_id, worker_id)).rowcount == 1
 
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
         if worker_id is not None:

@@ -116,4 +116,5 @@ def job(row: Row) -> Job:
         failures=row["failures"],
         interruptions=row["interruptions"],
         storage_failures=row["storage_failures"],
+        checkpoints=json.loads(row["checkpoints_json"] or "{}"),
     )

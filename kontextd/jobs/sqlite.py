@@ -113,6 +113,8 @@ MIGRATIONS: list[tuple[str, str, str]] = [
     ("jobs", "interruptions", "INTEGER NOT NULL DEFAULT 0"),
     # Times its images could not be stored (disk full): re-run once space returns, up to a cap.
     ("jobs", "storage_failures", "INTEGER NOT NULL DEFAULT 0"),
+    # What a run kept for a re-run to resume (JobStore.checkpoint), a JSON object; NULL once it ended.
+    ("jobs", "checkpoints_json", "TEXT"),
 ]
 
 _SQL = statements.Statements(statements.SQLITE)  # what this store runs as the PostgreSQL one does
@@ -450,6 +452,10 @@ class SQLiteJobStore:
         with self._write() as connection:
             cursor = connection.execute(_SQL.renew_lease, (now + lease_seconds, request_id, worker_id))
             return cursor.rowcount == 1
+
+    def checkpoint(self, request_id: str, worker_id: str, name: str, value: str) -> bool:
+        with self._write() as connection:
+            return connection.execute(_SQL.checkpoint, (name, value, request_id, worker_id)).rowcount == 1
 
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
         with self._write() as connection:

@@ -40,6 +40,7 @@ class Dialect:
     creation_order: str  # a column in the order jobs were made
     insert_ignoring: str  # the start of an INSERT that leaves an existing row alone...
     on_duplicate: str  # ...and its end
+    with_entry: str  # a JSON object text (the column at {column}) with one (name, value) more, both bound
     in_texts: str  # "is one of the texts in one bound parameter", after a column
     bind_list: Callable[[Collection[Any]], Any]  # the value that parameter is bound to
 
@@ -62,6 +63,7 @@ SQLITE = Dialect(
     creation_order="rowid",
     insert_ignoring="INSERT OR IGNORE INTO",
     on_duplicate="",
+    with_entry="json_patch(coalesce({column}, '{{}}'), json_object(?, ?))",
     in_texts="IN (SELECT value FROM json_each(?))",
     bind_list=lambda values: json.dumps(list(values)),
 )
@@ -78,6 +80,7 @@ POSTGRES = Dialect(
     creation_order="seq",
     insert_ignoring="INSERT INTO",
     on_duplicate=" ON CONFLICT DO NOTHING",
+    with_entry="(coalesce({column}, '{{}}')::jsonb || jsonb_build_object(%s::text, %s::text))::text",
     in_texts="= ANY(%s::text[])",
     bind_list=list,
 )
@@ -115,8 +118,8 @@ class Statements:
         )
         self.finish = (  # parameters: finish_params(); ends with its WHERE, which a store may narrow
             f"UPDATE {jobs} SET state = 'COMPLETED', completed_at = {p}, outcome_json = {p},"
-            f" result_json = {p}, expires_at = {p} + output_ttl, worker_id = NULL, lease_expires_at = NULL"
-            f" WHERE request_id = {p}"
+            f" result_json = {p}, expires_at = {p} + output_ttl, worker_id = NULL, lease_expires_at = NULL,"
+            f" checkpoints_json = NULL WHERE request_id = {p}"
         )
         self.queue_webhook = (  # parameters: webhook_params()
             f"INSERT INTO {webhooks} (request_id, url, user_id, body, next_attempt_at)"
@@ -125,6 +128,12 @@ class Statements:
         self.leave_queue = (
             f"{d.insert_ignoring} {d.table('queue_holes')} (lane, priority, ticket)"
             f" VALUES ({p}, {p}, {p}){d.on_duplicate}"
+        )
+        # Parameters: name, value, request id, worker id. Only by the worker running the job; one statement,
+        # so the tasks of one request keeping theirs at once never lose each other's.
+        self.checkpoint = (
+            f"UPDATE {jobs} SET checkpoints_json = {d.with_entry.format(column='checkpoints_json')}"
+            f" WHERE request_id = {p} AND worker_id = {p} AND state = 'IN_PROGRESS'"
         )
         self.request_cancel = f"UPDATE {jobs} SET cancel_requested = {d.true} WHERE request_id = {p}"
         self.cancel_requested = f"SELECT cancel_requested FROM {jobs} WHERE request_id = {p}"

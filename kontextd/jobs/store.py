@@ -91,6 +91,12 @@ class JobStore(Protocol):
         an x-fal-no-retry one ends failed. Returns the job's state after, or None when it was not this
         worker's running job (nothing changed)."""
 
+    def checkpoint(self, request_id: str, worker_id: str, name: str, value: str) -> bool:
+        """Keep `value` under `name` with a job this worker is running (an upstream task's handle), so that
+        a re-run after a crash, a shutdown or a lapsed lease resumes it (Job.checkpoints) instead of
+        starting it again; a later value under the same name replaces it. Kept until the job ends. False
+        when the job is no longer this worker's (nothing changed)."""
+
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
         """End a job exactly once (with `worker_id`, only if that worker still holds it). Queues its
         webhook in the same transaction. False when it had already ended or was taken over."""

@@ -127,7 +127,7 @@ class Worker:
         try:
             outcome = self._execute(job)
         except GenerationCancelled:
-            if self._stop.is_set() and not self.cancel_requested(job.request_id):
+            if self.handing_back(job.request_id):
                 return Release.SHUTDOWN  # stopped between steps for the shutdown, not by the client
             outcome = outcomes.cancelled()
         except StorageUnavailable as error:
@@ -180,7 +180,7 @@ class Worker:
             self._load_image_logged(job.request_id),
             model=self._models(job.app_id) or None,
         )
-        generated = self._backend.generate(generation, RequestProgress(self, job.request_id))
+        generated = self._backend.generate(generation, RequestProgress(self, job))
         return self._store_images(job, generation, generated)
 
     def _load_image_logged(self, request_id: str) -> ImageLoader:
@@ -250,6 +250,21 @@ class Worker:
     def _store_failed(self) -> None:
         self._store_retry_at = time.monotonic() + STORE_RETRY_SECONDS
 
+    def handing_back(self, request_id: str) -> bool:
+        """The server is stopping and the client did not cancel: the request goes back to the queue."""
+        return self._stop.is_set() and not self.cancel_requested(request_id)
+
+    def checkpoint(self, request_id: str, name: str, value: str) -> None:
+        """Keep an upstream task's handle for a re-run; when the store cannot take it now, a re-run starts
+        that task anew (said once here, not retried: the task goes on meanwhile)."""
+        try:
+            if not self._store.checkpoint(request_id, self.worker_id, name, value):
+                log.warning(
+                    "checkpoint not kept: the request is no longer ours", extra={"request_id": request_id}
+                )
+        except StoreUnavailable as error:
+            log.warning("checkpoint not kept", extra={"request_id": request_id, "reason": str(error)})
+
     def cancel_requested(self, request_id: str) -> bool:
         """Whether the client cancelled; False while the store cannot answer (a database restarting): the
         request runs on rather than failing, and a later step asks again."""
@@ -284,11 +299,13 @@ class Worker:
 
 
 class RequestProgress:
-    """A running request's progress: step and log lines into its logs; cancellation read from the store."""
+    """A running request's progress: step and log lines into its logs; cancellation read from the store;
+    checkpoints kept in the store, and an earlier run's read from the job as it was claimed."""
 
-    def __init__(self, worker: Worker, request_id: str) -> None:
+    def __init__(self, worker: Worker, job: Job) -> None:
         self._worker = worker
-        self._request_id = request_id
+        self._request_id = job.request_id
+        self._resumed = job.checkpoints
 
     def step(self, step: int, total: int) -> None:
         self.log(f"step {step}/{total}")
@@ -301,6 +318,15 @@ class RequestProgress:
     def cancelled(self) -> bool:
         """The client cancelled, or the server is stopping: either way the backend stops between steps."""
         return self._worker._stop.is_set() or self._worker.cancel_requested(self._request_id)
+
+    def handing_back(self) -> bool:
+        return self._worker.handing_back(self._request_id)
+
+    def checkpoint(self, name: str, value: str) -> None:
+        self._worker.checkpoint(self._request_id, name, value)
+
+    def resumed(self, name: str) -> str | None:
+        return self._resumed.get(name)
 
 
 def _image_error(error: FetchError, url: str) -> Outcome:

@@ -6,6 +6,10 @@ holding one slot of the key's concurrency limits from submit to downloaded image
 Ready, since the signed URL expires minutes later. BFL has no cancel API: a cancelled request simply stops
 polling and abandons its tasks.
 
+Each task's polling URL is kept with the request (Progress.checkpoint) as soon as BFL accepts it: a re-run
+of the request (its worker crashed or was stopped) polls the tasks it finds there instead of submitting
+them, and paying for them, again; only a task BFL no longer knows is submitted anew.
+
 The key travels only in the `x-key` header to BFL's API hosts (never to sample URLs, never in a message).
 """
 
@@ -31,6 +35,7 @@ from kontextd.backends.base import (
 from kontextd.backends.upstream.common import (
     WAIT_SLICE,
     ConcurrencyLimits,
+    ProgressView,
     RetryingClient,
     RetryPolicy,
     backoff,
@@ -72,22 +77,20 @@ class _Moderated:
     status: str  # "Request Moderated" or "Content Moderated"
 
 
-class _TaskProgress:
-    """What a task thread sees: log lines go to the request; cancelled once the request abandons its tasks.
+class _TaskProgress(ProgressView):
+    """What a task thread sees: log lines and checkpoints go to the request; cancelled once the request
+    abandons its tasks.
 
     Only the request's own thread reads the real cancellation (one store read per wait slice, however many
     tasks), then sets `abandon`.
     """
 
     def __init__(self, progress: Progress, abandon: threading.Event) -> None:
-        self._progress = progress
+        super().__init__(progress)
         self._abandon = abandon
 
     def step(self, step: int, total: int) -> None:
         pass
-
-    def log(self, message: str) -> None:
-        self._progress.log(message)
 
     def cancelled(self) -> bool:
         return self._abandon.is_set()
@@ -141,7 +144,10 @@ class BflBackend:
             pending = set(futures)
             while pending:
                 if progress.cancelled():
-                    progress.log("Cancelled: abandoning the BFL tasks of this request (BFL cannot cancel)")
+                    if progress.handing_back():
+                        progress.log("The server is stopping: the BFL tasks go on, for the re-run to resume")
+                    else:
+                        progress.log("Cancelled: abandoning this request's BFL tasks (BFL cannot cancel)")
                     raise GenerationCancelled
                 done, pending = concurrent.futures.wait(
                     pending, timeout=WAIT_SLICE, return_when=concurrent.futures.FIRST_EXCEPTION
@@ -211,6 +217,7 @@ class _Task:
         self.model = model
         self.body = body
         self.label = f"{index}/{count}"
+        self.checkpoint = f"bfl task {index}"  # its polling URL, for a re-run of the request
         self.progress = progress
         self.deadline = float("inf")  # set once the task holds its slot
 
@@ -228,7 +235,7 @@ class _Task:
                 ) from None
 
     def _run(self) -> EncodedImage | _Moderated:
-        polling_url = self._submit()
+        polling_url = self._resumed() or self._submit()
         reply = self._poll_until_done(polling_url)
         status = reply["status"]
         if status in MODERATED:
@@ -250,6 +257,18 @@ class _Task:
     def log(self, message: str) -> None:
         self.progress.log(f"BFL task {self.label}: {message}")
 
+    def _resumed(self) -> str | None:
+        """The polling URL of this task as an earlier run of the request submitted it, when BFL still
+        knows the task; None on a first run, or when it is gone (then it is submitted anew)."""
+        polling_url = self.progress.resumed(self.checkpoint)
+        if polling_url is None:
+            return None
+        if self._poll_once(polling_url)["status"] == "Task not found":
+            self.log("the task an earlier run submitted is gone at BFL; submitting it again")
+            return None
+        self.log("resuming the task an earlier run submitted (not submitted again)")
+        return polling_url
+
     def _submit(self) -> str:
         url = f"{self.backend.config.base_url}/v1/{self.model}"
         response = self.backend.request(self, "POST", url, self.body)
@@ -260,6 +279,7 @@ class _Task:
             raise GenerationRefused(
                 "Black Forest Labs accepted the task but sent no usable polling_url", "upstream_error", 502
             )
+        self.progress.checkpoint(self.checkpoint, polling_url)  # before anything else can stop the run
         self.progress.log(f"BFL task {self.label} submitted (id {task_id})")
         log.info(
             "bfl task submitted", extra={"task": self.label, "model": self.model, "bfl_task_id": task_id}

@@ -23,6 +23,32 @@ MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # a generated image is a few MB; refuse any
 WAIT_SLICE = 0.25  # how often a waiting request looks for its cancellation
 
 
+class ProgressView:
+    """A request's progress as one part of a backend sees it: everything passed through to the request's
+    own, but what a subclass overrides (when it counts as cancelled, where steps go)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+
+    def step(self, step: int, total: int) -> None:
+        self._progress.step(step, total)
+
+    def log(self, message: str) -> None:
+        self._progress.log(message)
+
+    def cancelled(self) -> bool:
+        return self._progress.cancelled()
+
+    def handing_back(self) -> bool:
+        return self._progress.handing_back()
+
+    def checkpoint(self, name: str, value: str) -> None:
+        self._progress.checkpoint(name, value)
+
+    def resumed(self, name: str) -> str | None:
+        return self._progress.resumed(name)
+
+
 class ConcurrencyLimits:
     """Upstream tasks in flight for one key: at most `total`, and at most `per_model[m]` of model m.
 

@@ -5,8 +5,14 @@ One request here is one request there: submit the input rebuilt for the target a
 download every image at once: fal's output URLs are not ours to hand out and may expire, so the worker
 stores the files itself. The key travels only in the Authorization header of calls to fal's queue URLs,
 never to the output file hosts, and never into a log line or a message.
+
+The fal request's id and URLs are kept with our request (Progress.checkpoint) once fal accepts it: a re-run
+of our request (its worker crashed or was stopped) follows that fal request instead of submitting, and
+paying for, another; only one fal no longer knows is submitted anew. For the same reason a request handed
+back at a shutdown is not cancelled at fal.
 """
 
+import json
 import logging
 import time
 from typing import Any
@@ -24,6 +30,7 @@ from kontextd.backends.base import (
 )
 from kontextd.backends.upstream.common import (
     ConcurrencyLimits,
+    ProgressView,
     RetryingClient,
     RetryPolicy,
     base64_png,
@@ -48,6 +55,7 @@ CANCEL_TIMEOUT = 5.0  # the best-effort cancel must not hold the worker up
 MAX_MESSAGE = 500  # characters of fal's error text passed on to our client
 
 ENVELOPE_URLS = ("status_url", "response_url", "cancel_url")
+CHECKPOINT = "fal request"  # the name its id and URLs are kept under, for a re-run
 
 # Sent to a fal app outside our catalogue (a route naming another app): the fields of the [pro]/[max] apps.
 # fal's apps ignore fields they do not know, so the worst case is a default where a value was meant.
@@ -132,11 +140,12 @@ class FalBackend:
     def _run(
         self, app_id: str, body: dict[str, Any], progress: Progress, deadline: float
     ) -> tuple[list[EncodedImage], list[bool]]:
-        queued = self._submit(app_id, body, progress, deadline)
+        queued = self._resumed(progress, deadline) or self._submit(app_id, body, progress, deadline)
         try:
             status = self._wait(queued, progress, deadline)
         except Exception:  # cancelled, timed out or failed: fal need not go on with a request nobody reads
-            self._cancel(queued, progress)
+            if not progress.handing_back():  # but a re-run will read it
+                self._cancel(queued, progress)
             raise
         output = self._result(queued, status, progress, deadline)
         images, flags = self._outputs(output, progress, deadline)
@@ -174,9 +183,25 @@ class FalBackend:
             raise GenerationRefused(
                 f"fal's reply to the submit lacks {', '.join(missing)}", "upstream_error", 502
             )
+        kept = {name: envelope[name] for name in ("request_id", *ENVELOPE_URLS)}
+        progress.checkpoint(CHECKPOINT, json.dumps(kept))  # before anything else can stop the run
         log.info("fal request submitted", extra={"app_id": app_id, "fal_request_id": envelope["request_id"]})
         progress.log(f"Forwarded to fal as request {envelope['request_id']}")
         return envelope
+
+    def _resumed(self, progress: Progress, deadline: float) -> dict[str, Any] | None:
+        """The fal request an earlier run of ours submitted, when fal still knows it; None on a first run,
+        or when it is gone (then it is submitted anew)."""
+        kept = progress.resumed(CHECKPOINT)
+        if kept is None:
+            return None
+        queued: dict[str, Any] = json.loads(kept)
+        response = self._exchange("GET", queued["status_url"], progress, deadline, "status poll")
+        if response.status_code == 404:
+            progress.log(f"fal no longer knows request {queued['request_id']}; submitting again")
+            return None
+        progress.log(f"Resuming fal request {queued['request_id']} (submitted by an earlier run, not again)")
+        return queued
 
     def _wait(self, queued: dict[str, Any], progress: Progress, deadline: float) -> dict[str, Any]:
         """Poll the status until COMPLETED, relaying queue moves and new log lines; the final status."""
@@ -306,18 +331,12 @@ class _RetryVoice:
         )
 
 
-class _UntilDeadline:
+class _UntilDeadline(ProgressView):
     """The request's progress, also 'cancelled' once the deadline passes: bounds the wait for a slot."""
 
     def __init__(self, progress: Progress, deadline: float) -> None:
-        self._progress = progress
+        super().__init__(progress)
         self._deadline = deadline
-
-    def step(self, step: int, total: int) -> None:
-        self._progress.step(step, total)
-
-    def log(self, message: str) -> None:
-        self._progress.log(message)
 
     def cancelled(self) -> bool:
         return self._progress.cancelled() or time.monotonic() >= self._deadline
