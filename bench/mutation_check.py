@@ -613,8 +613,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "worker-lease-never-renewed",
         RUNNER_PY,
-        "        heartbeat.start()\n",
-        "",
+        "                if not self._renew(request_id):\n",
+        "                if True:\n",
         "the lease is never renewed while a request runs",
         LONG_LEASE,
     ),

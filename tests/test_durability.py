@@ -267,25 +267,30 @@ def test_a_webhook_retry_survives_a_kill9(
 def test_a_request_running_far_longer_than_its_lease_runs_once(
     tmp_path: Path, servers: list[KontextdServer], image_host: LoopbackServer
 ) -> None:
-    """The worker renews the lease while the request runs: the lease sweep (every 0.5 s) never takes it."""
-    lease, steps = 1.0, 40
+    """The worker renews the lease while the request runs: the lease sweep (every 0.5 s) never takes it.
+    Two requests in a row on the one worker: its heartbeat follows the second as it did the first."""
+    lease, steps = 1.0, 32
     server = KontextdServer(
-        tmp_path / "data", args=["--tiny-step-seconds", "0.1", "--lease-seconds", str(lease)]
+        tmp_path / "data",
+        args=["--tiny-step-seconds", "0.1", "--lease-seconds", str(lease), "--workers", "1"],
     )
     servers.append(server)
     with server.start().client() as client:
-        request_id = submit(client, image_host, None, seed=3, steps=steps)
-        status = wait_completed(client, status_path(request_id), timeout=120)
-        assert "error" not in status, status
-        assert client.get(result_path(request_id)).status_code == 200
-        lines = messages(client, request_id)
-        assert not any(REQUEUED in message for message in lines), lines
-        (only_run,) = runs(client, request_id)
-        assert [line["message"] for line in only_run] == [
-            f"step {step}/{steps}" for step in range(1, steps + 1)
-        ]
-        # It really outlasted its lease, several times over.
-        assert at(only_run[-1]) - at(only_run[0]) >= 3 * lease
+        request_ids = [submit(client, image_host, None, seed=seed, steps=steps) for seed in (3, 4)]
+        for request_id in request_ids:
+            status = wait_completed(client, status_path(request_id), timeout=120)
+            assert "error" not in status, status
+            assert client.get(result_path(request_id)).status_code == 200
+            lines = messages(client, request_id)
+            assert not any(REQUEUED in message for message in lines), lines
+            (only_run,) = runs(client, request_id)
+            assert [line["message"] for line in only_run] == [
+                f"step {step}/{steps}" for step in range(1, steps + 1)
+            ]
+            # It really outlasted its lease, several times over.
+            assert at(only_run[-1]) - at(only_run[0]) >= 3 * lease
+        first, second = (runs(client, request_id)[0] for request_id in request_ids)
+        assert at(second[0]) >= at(first[-1])  # one after the other, on the one worker
 
 
 def test_no_retry_ends_a_request_interrupted_by_a_crash_and_only_that_one(

@@ -69,9 +69,19 @@ class Worker:
         # reads are skipped until this monotonic time, rather than each step waiting out its own timeout.
         self._store_retry_at = 0.0
         self.current: str | None = None  # the request running now, for the runtime's shutdown
+        # The heartbeat: one thread for the worker's life, told by `_beat` when the request running changes
+        # (a thread a request would cost a start-up hand-off each time, under every other thread's load).
+        self._beat = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def run_forever(self, stop: threading.Event) -> None:
         self._stop = stop
+        try:
+            self._claim_and_run(stop)
+        finally:
+            self._beat.set()  # the heartbeat sees the stop, and ends
+
+    def _claim_and_run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 job = self._store.claim(self.worker_id, self._lease_seconds, time.time(), self.lane)
@@ -99,10 +109,7 @@ class Worker:
     def run(self, job: Job) -> None:
         started = time.perf_counter()
         log.info("request started", extra={"request_id": job.request_id, "app_id": job.app_id})
-        self.current = job.request_id
-        finished = threading.Event()
-        heartbeat = threading.Thread(target=self._keep_lease, args=(job.request_id, finished), daemon=True)
-        heartbeat.start()
+        self._running(job.request_id)
         try:
             ending = self._ending(job)
             tries = job.storage_failures + 1
@@ -112,8 +119,7 @@ class Worker:
             # must not make this request look abandoned.
             state = self._record(job, ending)
         finally:
-            finished.set()
-            self.current = None
+            self._running(None)
         fields: dict[str, object] = {"request_id": job.request_id, "state": state}
         if isinstance(ending, Release):
             fields["released"] = ending.value
@@ -190,16 +196,37 @@ class Worker:
 
         return load
 
-    def _keep_lease(self, request_id: str, finished: threading.Event) -> None:
-        """Renew the lease while the request runs, however long a fetch or a step takes: three beats a
-        lease, so one slow or failed renewal does not let it lapse."""
-        while not finished.wait(self._lease_seconds / 3):
-            try:
-                if not self._store.renew_lease(request_id, self.worker_id, self._lease_seconds, time.time()):
-                    log.warning("lease lost: the request was taken over", extra={"request_id": request_id})
-                    return
-            except Exception as error:  # a full disk or a busy database: try again at the next beat
-                log.warning("lease renewal failed", extra={"request_id": request_id, "reason": str(error)})
+    def _running(self, request_id: str | None) -> None:
+        """The request this worker runs now (None: none), told to the heartbeat, started the first time."""
+        self.current = request_id
+        self._beat.set()
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(
+                target=self._keep_leases, name=f"{self.worker_id}-heartbeat", daemon=True
+            )
+            self._heartbeat.start()
+
+    def _keep_leases(self) -> None:
+        """Renew the running request's lease for as long as it runs, however long a fetch or a step takes:
+        three beats a lease, so one slow or failed renewal does not let it lapse. Each change of request
+        starts the count anew; the thread ends with the worker (its stop, then a beat)."""
+        while not self._stop.is_set():
+            self._beat.wait()
+            self._beat.clear()
+            request_id = self.current
+            while request_id is not None and not self._beat.wait(self._lease_seconds / 3):
+                if not self._renew(request_id):
+                    break  # taken over: nothing to renew until the next request
+
+    def _renew(self, request_id: str) -> bool:
+        """One beat; False when the lease was lost (the request was taken over)."""
+        try:
+            if not self._store.renew_lease(request_id, self.worker_id, self._lease_seconds, time.time()):
+                log.warning("lease lost: the request was taken over", extra={"request_id": request_id})
+                return False
+        except Exception as error:  # a full disk or a busy database: try again at the next beat
+            log.warning("lease renewal failed", extra={"request_id": request_id, "reason": str(error)})
+        return True
 
     def _store_images(self, job: Job, generation: GenerationJob, generated: Generated) -> Outcome:
         described, keys = [], []
