@@ -105,6 +105,8 @@ OTHER_KEYS = _node(
 )
 
 JOBS = "kontextd/jobs/sqlite.py"
+SQL_STORE = "kontextd/jobs/sql_store.py"
+STATEMENTS = "kontextd/jobs/statements.py"
 LIFECYCLE = "kontextd/jobs/lifecycle.py"
 AUTH_PY = "kontextd/api/auth.py"
 APP_PY = "kontextd/api/app.py"
@@ -152,15 +154,15 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "jobs-claim-order-swapped",
-        JOBS,
-        '" ORDER BY priority, ticket LIMIT 1",',
-        '" ORDER BY ticket, priority LIMIT 1",',
+        STATEMENTS,
+        'f" ORDER BY priority, ticket LIMIT 1{d.skip_locked}"',
+        'f" ORDER BY ticket, priority LIMIT 1{d.skip_locked}"',
         "claim orders by ticket before priority",
         JOB_STORE,
     ),
     M(
         "jobs-complete-twice",
-        JOBS,
+        SQL_STORE,
         'if row is None or row["state"] == State.COMPLETED:\n                return False',
         "if row is None:\n                return False",
         "a finished job can be completed again (a second outcome, a second webhook)",
@@ -168,7 +170,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "jobs-cancel-other-owner",
-        JOBS,
+        SQL_STORE,
         'if row is None or row["owner"] != owner:\n                return CancelResult.NOT_FOUND',
         "if row is None:\n                return CancelResult.NOT_FOUND",
         "cancel does not check the owner",
@@ -176,10 +178,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "jobs-summary-other-owner",
-        JOBS,
+        SQL_STORE,
         'if row is None or (owner is not None and row["owner"] != owner):\n            return None\n'
-        "        return _summary(row)",
-        "if row is None:\n            return None\n        return _summary(row)",
+        "        return rows.summary(row)",
+        "if row is None:\n            return None\n        return rows.summary(row)",
         "status summaries are returned to any key",
         JOB_STORE,
         OTHER_KEYS,
@@ -187,8 +189,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "jobs-commit-keeps-polls",
         JOBS,
-        "self._poll_cache.clear()  # committed",
-        "pass  # committed",
+        "self._poll_cache.changed(changed)",
+        "pass",
         "a commit leaves the poll cache as it was: status polls answer what was before it",
         _node("test_job_store.py", "test_a_poll_sees_each_write_made_through_the_store_at_once"),
     ),
@@ -206,10 +208,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "jobs-cancel-leaves-no-hole",
-        JOBS,
-        "self._leave_queue(connection, row)\n"
-        "                self._finish(connection, row, outcomes.cancelled(), now)",
-        "self._finish(connection, row, outcomes.cancelled(), now)",
+        SQL_STORE,
+        "self._leave_queue(transaction, row)\n"
+        "                self._finish(transaction, row, outcomes.cancelled(), now)",
+        "self._finish(transaction, row, outcomes.cancelled(), now)",
         "a job cancelled while queued leaves no hole: positions behind it stay one too high",
         JOB_STORE,
     ),
@@ -223,20 +225,18 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "jobs-requeue-at-the-back",
-        JOBS,
-        'self._enqueue(connection, row["request_id"], row["lane"], Priority.RETRY)',
-        'self._enqueue(connection, row["request_id"], row["lane"], row["priority"])',
+        SQL_STORE,
+        'self._enqueue(transaction, row["request_id"], row["lane"], Priority.RETRY)',
+        'self._enqueue(transaction, row["request_id"], row["lane"], row["priority"])',
         "an interrupted request is re-queued at the back of its level, not the head",
         JOB_STORE,
         KILL9,
     ),
     M(
         "jobs-requeue-keeps-start-deadline",
-        JOBS,
-        '"UPDATE jobs SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL,"\n'
-        '                " start_deadline = NULL WHERE request_id = ?",',
-        '"UPDATE jobs SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL"\n'
-        '                " WHERE request_id = ?",',
+        STATEMENTS,
+        'started_at = NULL,"\n            f" start_deadline = NULL WHERE request_id = {p}"',
+        'started_at = NULL"\n            f" WHERE request_id = {p}"',
         "a re-queued request keeps its start deadline and times out although it did start in time",
         JOB_STORE,
     ),
@@ -259,26 +259,25 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "jobs-prune-drops-pending-webhooks",
-        JOBS,
-        "\" AND w.state NOT IN ('delivered', 'failed')) LIMIT ?\",",
-        "\" AND w.state = 'sending') LIMIT ?\",",
+        STATEMENTS,
+        '''f" AND hook.state NOT IN ('delivered', 'failed')) LIMIT {p}{d.skip_locked}"''',
+        '''f" AND hook.state = 'sending') LIMIT {p}{d.skip_locked}"''',
         "pruning deletes a record whose webhook is still pending a retry",
         JOB_STORE,
     ),
     M(
         "jobs-due-forgets-lapsed-in-flight",
-        JOBS,
-        "\" WHERE state IN ('pending', 'sending') AND next_attempt_at <= ?\"",
-        "\" WHERE state = 'pending' AND next_attempt_at <= ?\"",
+        STATEMENTS,
+        '''f" WHERE state IN ('pending', 'sending') AND next_attempt_at <= {p}"''',
+        '''f" WHERE state = 'pending' AND next_attempt_at <= {p}"''',
         "an in-flight delivery whose sender died is never due again",
         JOB_STORE,
     ),
     M(
         "jobs-release-webhooks-releases-pending",
-        JOBS,
-        "\"UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ? WHERE state = 'sending'\"",
-        "\"UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ?"
-        " WHERE state IN ('pending', 'sending')\"",
+        STATEMENTS,
+        "next_attempt_at = {p} WHERE state = 'sending'\"",
+        "next_attempt_at = {p} WHERE state IN ('pending', 'sending')\"",
         "releasing cut-short tries also makes waiting retries due at once (ignoring their backoff)",
         JOB_STORE,
     ),
@@ -676,8 +675,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "postgres-claim-waits-for-locked-rows",
         "kontextd/jobs/postgres.py",
-        '" ORDER BY priority, ticket LIMIT 1 FOR UPDATE SKIP LOCKED",',
-        '" ORDER BY priority, ticket LIMIT 1 FOR UPDATE",',
+        "ORDER BY priority, ticket LIMIT 1 FOR UPDATE SKIP LOCKED\n",
+        "ORDER BY priority, ticket LIMIT 1 FOR UPDATE\n",
         "a claim waits for the job another node is claiming instead of skipping past it",
         "tests/test_postgres_store.py::test_a_claim_skips_a_job_another_node_holds_instead_of_waiting",
     ),
@@ -692,7 +691,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     M(
         "postgres-no-settling-after-an-outage",
-        "kontextd/jobs/postgres.py",
+        SQL_STORE,
         "if time.monotonic() - self._unreachable_at < settle_seconds:",
         "if False:",
         "after a database outage, leases of live workers are taken over before they can renew",

@@ -18,6 +18,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from kontextd.jobs.postgres import PostgresJobStore, _Transaction
+from kontextd.jobs.sql_store import Transaction
 from kontextd.jobs.sqlite import SQLiteJobStore
 from kontextd.jobs.store import JobStore
 
@@ -94,7 +95,7 @@ def _held(store: JobStore) -> Iterator[tuple[Any, str, Any, Callable[[], None]]]
     it, what the store's own `_write()` would hand its callers, and what must go out before each commit."""
     if isinstance(store, SQLiteJobStore):
         with store._pool.connection() as connection:
-            yield connection, "BEGIN IMMEDIATE", connection, lambda: None
+            yield connection, "BEGIN IMMEDIATE", Transaction(connection), lambda: None
         return
     assert isinstance(store, PostgresJobStore)
     with store._connection() as connection:

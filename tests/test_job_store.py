@@ -1775,6 +1775,32 @@ def test_a_poll_sees_each_write_made_through_the_store_at_once(store: JobStore) 
         stop()
 
 
+def test_sqlite_a_commit_drops_only_the_polls_of_what_it_changed(
+    sqlite_store: SQLiteJobStore, sqlite_path: Path
+) -> None:
+    """Leases, checkpoints and webhook tries change nothing a poll reads: they leave kept polls alone (a
+    status poll of a long request stays cheap while its heartbeat beats); a log line drops its own request's
+    only. A write behind the store's back shows which polls were answered from memory."""
+    now = time.time()
+    submit_all(sqlite_store, ["a", "b"])
+    assert claim(sqlite_store, now) is not None and claim(sqlite_store, now) is not None
+
+    def poll(name: str) -> Polled:
+        found = asyncio.run(sqlite_store.poll(name, None, False))
+        assert found is not None, name
+        return found
+
+    assert poll("a").summary.app_id == poll("b").summary.app_id == APP_ID  # both kept now
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as behind_its_back, behind_its_back:
+        behind_its_back.execute("UPDATE jobs SET app_id = 'probe'")
+    assert sqlite_store.renew_lease("a", "worker-a", LEASE, now + 1)
+    assert sqlite_store.checkpoint("a", "worker-a", "task 1", "handle")
+    assert sqlite_store.release_webhooks(now) == 0
+    assert poll("a").summary.app_id == poll("b").summary.app_id == APP_ID  # still from memory
+    sqlite_store.append_log("b", "step 1/2", "INFO", now)
+    assert (poll("a").summary.app_id, poll("b").summary.app_id) == (APP_ID, "probe")
+
+
 def test_ping_answers_on_a_working_store(store: JobStore) -> None:
     async def run() -> None:
         await store.ping()  # outside serving()

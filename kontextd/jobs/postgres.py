@@ -39,31 +39,23 @@ import math
 import select
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolClosed, PoolTimeout
 
-from kontextd.jobs import lifecycle, outcomes, rows, statements
+from kontextd.jobs import rows, statements
 from kontextd.jobs.model import (
-    CancelResult,
-    DueWebhook,
     Job,
-    JobSummary,
-    LogLine,
     NewJob,
     Outcome,
     Polled,
-    Priority,
-    Release,
-    State,
-    WebhookDelivery,
 )
 from kontextd.jobs.poll_cache import PollCache
+from kontextd.jobs.sql_store import SqlJobStore, Transaction
 from kontextd.jobs.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -313,40 +305,29 @@ def _conninfo(dsn: str) -> str:
     return make_conninfo("", **params)
 
 
-class _Transaction:
-    """One connection inside one write transaction, with the notifications to send with its commit: each
-    job and lane once, in one statement just before COMMIT (PostgreSQL delivers them only on commit, and
-    only if it commits)."""
-
-    def __init__(self, connection: psycopg.Connection[dict[str, Any]]) -> None:
-        self.connection = connection
-        self._notes: dict[tuple[str, str], None] = {}  # (channel, payload), in order, each once
-
-    def execute(self, query: str | sql.Composed, params: Any = None) -> psycopg.Cursor[dict[str, Any]]:
-        return self.connection.execute(query, params)  # type: ignore[arg-type]
-
-    def changed(self, request_id: str) -> None:
-        self._notes[(JOB_CHANNEL, request_id)] = None
-
-    def queued_in(self, lane: str) -> None:
-        self._notes[(LANE_CHANNEL, lane)] = None
-
-    @property
-    def changed_jobs(self) -> list[str]:
-        return [payload for channel, payload in self._notes if channel == JOB_CHANNEL]
+class _Transaction(Transaction):
+    """A write transaction whose changes are announced with its commit: each job and lane once, in one
+    statement just before COMMIT (PostgreSQL delivers them only on commit, and only if it commits)."""
 
     def send_notifications(self) -> None:
-        if self._notes:
-            channels, payloads = zip(*self._notes, strict=True)
+        notes = [(JOB_CHANNEL, job) for job in self.changed_jobs]
+        notes += [(LANE_CHANNEL, lane) for lane in self.queued_lanes]
+        if notes:
+            channels, payloads = zip(*notes, strict=True)
             self.execute(
                 "SELECT count(pg_notify(note.channel, note.payload))"
                 " FROM unnest(%s::text[], %s::text[]) AS note(channel, payload)",
                 (list(channels), list(payloads)),
             )
-            self._notes.clear()
+        self._jobs.clear()  # sent: a later commit on this connection (bench/scratch_postgres.py) sends anew
+        self._lanes.clear()
 
 
-class PostgresJobStore:
+class PostgresJobStore(SqlJobStore):
+    """The JobStore (kontextd/jobs/store.py) shared by every node; what both SQL stores share is
+    SqlJobStore's."""
+
+    _sql = _SQL
     shared = True
     quick_reads = False  # see JobStore.quick_reads
 
@@ -417,6 +398,10 @@ class PostgresJobStore:
         """A connection for reads outside any transaction: each statement sees the latest commit."""
         return self._connection()
 
+    def _write_one(self) -> contextlib.AbstractContextManager[psycopg.Connection[dict[str, Any]]]:
+        """Autocommit: each statement its own transaction, one round trip."""
+        return self._connection()
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[_Transaction]:
         """One write transaction (READ COMMITTED): all of it commits, with its notifications, or none."""
@@ -446,8 +431,7 @@ class PostgresJobStore:
         assert row is not None
         return int(row["ahead"])
 
-    @staticmethod
-    def _enqueue(transaction: _Transaction, request_id: str, lane: str, priority: int) -> int:
+    def _enqueue(self, transaction: Transaction, request_id: str, lane: str, priority: int) -> int:
         """Queue an existing job at the tail of (lane, priority) with the level's next ticket."""
         row = transaction.execute(
             "WITH allocated AS ("
@@ -463,12 +447,7 @@ class PostgresJobStore:
         transaction.queued_in(lane)
         return int(row["ticket"])
 
-    @staticmethod
-    def _leave_queue(transaction: _Transaction, row: Mapping[str, Any]) -> None:
-        transaction.execute(_SQL.leave_queue, (row["lane"], row["priority"], row["ticket"]))
-
-    @staticmethod
-    def _prune_holes(transaction: _Transaction) -> None:
+    def _prune_holes(self, transaction: Transaction) -> None:
         """Forget the holes behind the head of each level: positions only count holes after the head, and
         a head never moves back (tickets only grow). Rows another node is pruning are skipped, not waited
         for: pruning is only tidying."""
@@ -506,20 +485,6 @@ class PostgresJobStore:
             transaction.changed(job.request_id)
             transaction.queued_in(job.lane)
             return self._position(transaction, job.lane, int(job.priority), int(row["ticket"]))
-
-    def get(self, request_id: str, owner: str | None = None) -> Job | None:
-        with self._read() as connection:
-            row = connection.execute(_SQL.job, (request_id,)).fetchone()
-        if row is None or (owner is not None and row["owner"] != owner):
-            return None
-        return rows.job(row)
-
-    def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
-        with self._read() as connection:
-            row = connection.execute(_SQL.summary, (request_id,)).fetchone()
-        if row is None or (owner is not None and row["owner"] != owner):
-            return None
-        return rows.summary(row)
 
     def queue_position(self, request_id: str) -> int | None:
         """The job and its position read in one REPEATABLE READ, READ ONLY snapshot (no locks taken, none
@@ -599,33 +564,8 @@ class PostgresJobStore:
         if head["request_id"] is not None:
             self._poll_cache.changed([head["request_id"]])
             return rows.job(head)
-        return self._claim_timing_out(worker_id, lease_seconds, now, lane)
-
-    def _claim_timing_out(self, worker_id: str, lease_seconds: float, now: float, lane: str) -> Job | None:
-        """A claim that meets jobs whose start deadline passed: each is completed as timed out on the way,
-        in the one transaction that then starts the first job still in time."""
-        with self._write() as transaction:
-            while True:
-                # The head of the lane that nobody else holds: a concurrent claimer skips past the row we
-                # lock here instead of waiting for our commit.
-                row = transaction.execute(
-                    f"SELECT {statements.CONTROL_COLUMNS} FROM kontextd_jobs"
-                    " WHERE state = 'IN_QUEUE' AND lane = %s"
-                    " ORDER BY priority, ticket LIMIT 1 FOR UPDATE SKIP LOCKED",
-                    (lane,),
-                ).fetchone()
-                if row is None:
-                    return None
-                self._leave_queue(transaction, row)
-                if row["start_deadline"] is not None and row["start_deadline"] < now:
-                    self._finish(transaction, row, outcomes.timed_out(), now)
-                    continue
-                claimed = transaction.execute(
-                    _SQL.start, (worker_id, now + lease_seconds, now, row["request_id"])
-                ).fetchone()
-                assert claimed is not None
-                transaction.changed(row["request_id"])
-                return rows.job(claimed)
+        # The head's start deadline passed: the general way, which times such jobs out on the way.
+        return super().claim(worker_id, lease_seconds, now, lane)
 
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
         # One statement, atomic by itself (autocommit). Not announced: a heartbeat changes nothing a
@@ -633,10 +573,6 @@ class PostgresJobStore:
         with self._connection() as connection:
             cursor = connection.execute(_SQL.renew_lease, (now + lease_seconds, request_id, worker_id))
             return cursor.rowcount == 1
-
-    def checkpoint(self, request_id: str, worker_id: str, name: str, value: str) -> bool:
-        with self._connection() as connection:
-            return connection.execute(_SQL.checkpoint, (name, value, request_id, worker_id)).rowcount == 1
 
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
         if worker_id is not None:
@@ -648,224 +584,14 @@ class PostgresJobStore:
                 self._poll_cache.changed([request_id])
                 return True
             # Not finished: it has a webhook to queue with its end, or is no longer this worker's.
-        with self._write() as transaction:
-            row = self._locked(transaction, request_id)
-            if row is None or row["state"] == State.COMPLETED:
-                return False
-            if worker_id is not None and (row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id):
-                return False
-            if row["state"] == State.IN_QUEUE:
-                self._leave_queue(transaction, row)
-            self._finish(transaction, row, outcome, now)
-            return True
-
-    @staticmethod
-    def _locked(transaction: _Transaction, request_id: str) -> dict[str, Any] | None:
-        """The job's control columns, its row locked to the commit (waiting, up to the lock timeout, for a
-        node that holds it): what we decide on cannot change under us."""
-        return transaction.execute(_SQL.control, (request_id,)).fetchone()
-
-    def _finish(
-        self, transaction: _Transaction, row: Mapping[str, Any], outcome: Outcome, now: float
-    ) -> None:
-        """End a job (its row locked by us) and queue its webhook in the same transaction."""
-        transaction.execute(_SQL.finish, statements.finish_params(row["request_id"], outcome, now))
-        if row["webhook_url"]:
-            transaction.execute(_SQL.queue_webhook, statements.webhook_params(row, outcome, now))
-        transaction.changed(row["request_id"])
-
-    def cancel(self, request_id: str, owner: str, now: float) -> CancelResult:
-        with self._write() as transaction:
-            row = self._locked(transaction, request_id)
-            if row is None or row["owner"] != owner:
-                return CancelResult.NOT_FOUND
-            if row["state"] == State.COMPLETED:
-                return CancelResult.ALREADY_COMPLETED
-            if row["state"] == State.IN_QUEUE:
-                self._leave_queue(transaction, row)
-                self._finish(transaction, row, outcomes.cancelled(), now)
-                return CancelResult.CANCELLED
-            transaction.execute(_SQL.request_cancel, (request_id,))
-            transaction.changed(request_id)
-            return CancelResult.REQUESTED
-
-    def cancel_requested(self, request_id: str) -> bool:
-        with self._read() as connection:
-            row = connection.execute(_SQL.cancel_requested, (request_id,)).fetchone()
-        return bool(row and row["cancel_requested"])
-
-    # -- logs ------------------------------------------------------------------------------------
-
-    def append_log(self, request_id: str, message: str, level: str, now: float) -> None:
-        with self._write() as transaction:
-            transaction.execute(
-                _SQL.append_log,
-                # PostgreSQL text cannot hold NUL characters (SQLite's can): keep the line, mark the spot.
-                (request_id, now, level, message.replace("\x00", "\ufffd")),
-            )
-            transaction.changed(request_id)
-
-    def logs(self, request_id: str) -> list[LogLine]:
-        with self._read() as connection:
-            found = connection.execute(_SQL.logs, (request_id,)).fetchall()
-        return [rows.log_line(row) for row in found]
+        return super().complete(request_id, outcome, now, worker_id)
 
     # -- housekeeping ----------------------------------------------------------------------------
-
-    def expire_unstarted(self, now: float) -> int:
-        with self._write() as transaction:
-            # A row another node holds is being claimed or ended by it: skipped, not waited for.
-            found = transaction.execute(_SQL.unstarted, (now,)).fetchall()
-            for row in found:
-                self._leave_queue(transaction, row)
-                self._finish(transaction, row, outcomes.timed_out(), now)
-            self._prune_holes(transaction)
-            return len(found)
-
-    def recover_abandoned(self, now: float, settle_seconds: float = 0.0) -> int:
-        # An outage stops every heartbeat at once: leases that lapsed during it belong to live workers,
-        # which renew them within a third of a lease once the database is back. Wait that long first.
-        if time.monotonic() - self._unreachable_at < settle_seconds:
-            return 0
-        with self._write() as transaction:
-            # Several nodes may sweep at once: each lapsed lease is recovered by exactly one of them.
-            found = transaction.execute(_SQL.lapsed, (now,)).fetchall()
-            for row in found:
-                self._requeue_or_end(transaction, row, now, lifecycle.LEASE_LAPSED)
-            return len(found)
 
     def recover_after_restart(self, now: float) -> int:
         """Nothing to do, ever: a running job in a shared store may be a live node's. A dead node's jobs
         are re-queued by recover_abandoned once their leases lapse."""
         return 0
-
-    def release(self, request_id: str, worker_id: str, reason: Release, now: float) -> State | None:
-        with self._write() as transaction:
-            row = self._locked(transaction, request_id)
-            if row is None or row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id:
-                return None
-            return self._requeue_or_end(transaction, row, now, lifecycle.RELEASES[reason])
-
-    def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
-        """Move queued jobs whose app is now routed to another backend into that backend's lane, keeping
-        their priority and order. A job another node holds is leaving the queue: skipped."""
-        moved = 0
-        with self._write() as transaction:
-            for app_id, lane in lanes.items():
-                found = transaction.execute(_SQL.misrouted, (app_id, lane)).fetchall()
-                for row in found:
-                    self._leave_queue(transaction, row)
-                    self._enqueue(transaction, row["request_id"], lane, row["priority"])
-                moved += len(found)
-            self._prune_holes(transaction)
-        return moved
-
-    def _requeue_or_end(
-        self, transaction: _Transaction, row: Mapping[str, Any], now: float, why: lifecycle.Requeue
-    ) -> State:
-        """Put a running job (its row locked by us) back at the head of its lane, or end it when it must
-        not run again."""
-        count = row[why.counter] + 1 if why.counter else 0
-        if why.counter:
-            transaction.execute(_SQL.count[why.counter], (count, row["request_id"]))
-        ending = why.ending(count, bool(row["cancel_requested"]), bool(row["no_retry"]))
-        if ending is not None:
-            self._finish(transaction, row, ending, now)
-            return State.COMPLETED
-        transaction.execute(
-            # It did start in time once: the start deadline no longer applies to the re-run.
-            "UPDATE kontextd_jobs SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL,"
-            " start_deadline = NULL WHERE request_id = %s",
-            (row["request_id"],),
-        )
-        self._enqueue(transaction, row["request_id"], row["lane"], Priority.RETRY)
-        transaction.execute(_SQL.requeued_log, (row["request_id"], now, why.requeued))
-        return State.IN_QUEUE
-
-    def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
-        with self._read() as connection:
-            found = connection.execute(_SQL.expired_outputs, (now, limit)).fetchall()
-        return [rows.expired_output(row) for row in found]
-
-    def mark_output_expired(self, request_id: str) -> None:
-        """Leave a tombstone: state and how it ended (status still answers, the result says 410); the
-        input and result bodies and the logs go."""
-        with self._write() as transaction:
-            transaction.execute(_SQL.mark_output_expired, (request_id,))
-            transaction.execute(_SQL.drop_logs, (request_id,))
-            transaction.changed(request_id)
-
-    def prune_records(self, expired_before: float, limit: int) -> int:
-        with self._write() as transaction:
-            # A delivery still to be tried keeps its request's record until it is delivered or given up.
-            found = transaction.execute(
-                "SELECT request_id FROM kontextd_jobs AS job WHERE output_expired AND expires_at < %s"
-                " AND NOT EXISTS (SELECT 1 FROM kontextd_webhook_deliveries AS hook"
-                " WHERE hook.request_id = job.request_id AND hook.state NOT IN ('delivered', 'failed'))"
-                " LIMIT %s FOR UPDATE SKIP LOCKED",
-                (expired_before, limit),
-            ).fetchall()
-            names = _SQL.dialect.bind_list([row["request_id"] for row in found])
-            for delete in _SQL.prune:
-                transaction.execute(delete, (names,))
-            for row in found:
-                transaction.changed(row["request_id"])  # gone: a status poll now answers 404
-            return len(found)
-
-    # -- webhooks --------------------------------------------------------------------------------
-
-    def due_webhooks(self, now: float, limit: int, after: DueWebhook | None = None) -> list[DueWebhook]:
-        query = (
-            "SELECT delivery_id, request_id, url, next_attempt_at FROM kontextd_webhook_deliveries"
-            " WHERE state IN ('pending', 'sending') AND next_attempt_at <= %s"
-        )
-        params: list[Any] = [now]
-        if after is not None:
-            query += " AND (next_attempt_at, delivery_id) > (%s, %s)"
-            params += [after.due_at, after.delivery_id]
-        with self._read() as connection:
-            found = connection.execute(
-                query + " ORDER BY next_attempt_at, delivery_id LIMIT %s", (*params, limit)
-            ).fetchall()
-        return [rows.due_webhook(row) for row in found]
-
-    def start_webhook(self, delivery_id: int, now: float, deadline: float) -> WebhookDelivery | None:
-        # One conditional UPDATE: of nodes racing for the same try, the first takes the row lock and moves
-        # the deadline on; the others re-check the condition on its new version and find it no longer due.
-        with self._connection() as connection:
-            row = connection.execute(_SQL.start_webhook, (deadline, delivery_id, now)).fetchone()
-        return None if row is None else rows.delivery(row)
-
-    def webhook_attempted(
-        self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
-    ) -> None:
-        state = statements.attempt_state(delivered, next_attempt_at)
-        with self._connection() as connection:
-            # A delivery that already ended stays as it ended: a late report must not count a try twice.
-            connection.execute(
-                _SQL.webhook_attempted,
-                (state, next_attempt_at, error.replace("\x00", "\ufffd") or None, delivery_id),
-            )
-
-    def release_webhooks(self, now: float, delivery_ids: Collection[int] | None = None) -> int:
-        """Make the named in-flight deliveries due at `now` (this node's shutdown cut them short).
-
-        Without ids this releases nothing and returns 0: in a shared store a delivery in flight may be a
-        live node's, mid-send, and releasing it would have it sent twice at once. One whose sender died is
-        due again anyway once its send deadline lapses (due_webhooks lists those)."""
-        if delivery_ids is None:
-            return 0
-        with self._connection() as connection:
-            return connection.execute(
-                "UPDATE kontextd_webhook_deliveries SET state = 'pending', next_attempt_at = %s"
-                " WHERE state = 'sending' AND delivery_id = ANY(%s::bigint[])",
-                (now, list(delivery_ids)),
-            ).rowcount
-
-    def webhook_deliveries(self, request_id: str) -> list[WebhookDelivery]:
-        with self._read() as connection:
-            found = connection.execute(_SQL.webhook_deliveries, (request_id,)).fetchall()
-        return [rows.delivery(row) for row in found]
 
     # -- coordination between the processes sharing the store -----------------------------------
 
@@ -951,17 +677,6 @@ class PostgresJobStore:
             if stop.wait(wait):
                 break
             wait = min(wait * 2, longest_wait)
-
-    def secret(self, name: str, make: Callable[[], bytes]) -> bytes:
-        """The first process to store `name` wins; a racing one's INSERT waits for the winner's commit,
-        does nothing, and reads the winner's bytes."""
-        with self._connection() as connection:
-            found = connection.execute(_SQL.secret, (name,)).fetchone()
-            if found is None:
-                connection.execute(_SQL.keep_secret, (name, make()))
-                found = connection.execute(_SQL.secret, (name,)).fetchone()
-        assert found is not None
-        return bytes(found["value"])
 
     @contextlib.contextmanager
     def turn(self, task: str) -> Iterator[bool]:

@@ -14,29 +14,18 @@ import fcntl
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-from kontextd.jobs import lifecycle, outcomes, rows, statements
+from kontextd.jobs import lifecycle, rows, statements
 from kontextd.jobs.model import (
-    CancelResult,
-    DueWebhook,
-    Job,
-    JobSummary,
-    LogLine,
     NewJob,
-    Outcome,
     Polled,
     Priority,
-    Release,
     State,
-    WebhookDelivery,
 )
 from kontextd.jobs.poll_cache import PollCache
-from kontextd.jobs.rows import delivery as _delivery
-from kontextd.jobs.rows import job as _job
-from kontextd.jobs.rows import summary as _summary
+from kontextd.jobs.sql_store import SqlJobStore, Transaction
 from kontextd.jobs.store import StoreUnavailable
 
 SCHEMA = """
@@ -226,7 +215,10 @@ class _Pool:
             self._changed.notify_all()
 
 
-class SQLiteJobStore:
+class SQLiteJobStore(SqlJobStore):
+    """The JobStore (kontextd/jobs/store.py) of one process; what both SQL stores share is SqlJobStore's."""
+
+    _sql = _SQL
     # One process owns the file (see the lock): whatever runs or is in flight at start-up was the dead
     # previous process's, and this process wakes its own waiters (listen() has nothing to add).
     shared = False
@@ -256,8 +248,8 @@ class SQLiteJobStore:
                     connection.executescript(SCHEMA)
                 except sqlite3.Error as error:
                     raise (_unavailable(error) or error) from error
-            with self._write() as connection:
-                _migrate(connection)
+            with self._write() as transaction:
+                _migrate(transaction.connection)
         except BaseException:
             self.close()
             raise
@@ -271,7 +263,7 @@ class SQLiteJobStore:
             yield connection
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> Iterator[Transaction]:
         """One write transaction: all of it commits or none of it does. A full disk, an I/O error or a
         database busy for too long raise StoreUnavailable (chained) with nothing changed."""
         if not self._write_turn.acquire(timeout=WAIT_SECONDS):
@@ -280,9 +272,11 @@ class SQLiteJobStore:
             with self._pool.connection() as connection:
                 try:
                     connection.execute("BEGIN IMMEDIATE")
-                    yield connection
+                    transaction = Transaction(connection)
+                    yield transaction
                     connection.execute("COMMIT")
-                    self._poll_cache.clear()  # committed: a poll under way, or kept, may predate it
+                    if changed := transaction.changed_jobs:  # a poll under way, or kept, may predate them
+                        self._poll_cache.changed(changed)
                 except BaseException as error:
                     if connection.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                         with contextlib.suppress(sqlite3.Error):
@@ -293,6 +287,9 @@ class SQLiteJobStore:
                     raise
         finally:
             self._write_turn.release()
+
+    def _write_one(self) -> contextlib.AbstractContextManager[Transaction]:
+        return self._write()  # one writer anyway: a transaction costs nothing extra here
 
     def open_connections(self) -> int:
         """Database connections open now (at most the pool size)."""
@@ -335,46 +332,29 @@ class SQLiteJobStore:
                 ahead += self._queued_before(connection, lane, level, row[0])
         return ahead
 
-    @staticmethod
-    def _enqueue(connection: sqlite3.Connection, request_id: str, lane: str, priority: int) -> int:
-        ticket = connection.execute(
+    def _enqueue(self, transaction: Transaction, request_id: str, lane: str, priority: int) -> int:
+        ticket = transaction.execute(
             "INSERT INTO queue_tickets (lane, priority, next_ticket) VALUES (?, ?, 1) "
             "ON CONFLICT (lane, priority) DO UPDATE SET next_ticket = next_ticket + 1"
             " RETURNING next_ticket - 1",
             (lane, priority),
         ).fetchone()[0]
         ticket = ticket if ticket else 0
-        connection.execute(
-            "UPDATE jobs SET state = 'IN_QUEUE', priority = ?, ticket = ? WHERE request_id = ?",
-            (priority, ticket, request_id),
+        transaction.execute(
+            "UPDATE jobs SET state = 'IN_QUEUE', lane = ?, priority = ?, ticket = ? WHERE request_id = ?",
+            (lane, priority, ticket, request_id),
         )
+        transaction.changed(request_id)
+        transaction.queued_in(lane)
         return ticket
-
-    @staticmethod
-    def _leave_queue(connection: sqlite3.Connection, row: sqlite3.Row) -> None:
-        connection.execute(_SQL.leave_queue, (row["lane"], row["priority"], row["ticket"]))
 
     # -- jobs ------------------------------------------------------------------------------------
 
     def submit(self, job: NewJob) -> int:
-        with self._write() as connection:
-            connection.execute(_SUBMIT, statements.new_job_params(job, time.time()))
-            ticket = self._enqueue(connection, job.request_id, job.lane, int(job.priority))
-            return self._position(connection, job.lane, int(job.priority), ticket)
-
-    def get(self, request_id: str, owner: str | None = None) -> Job | None:
-        with self._read() as connection:
-            row = connection.execute(_SQL.job, (request_id,)).fetchone()
-        if row is None or (owner is not None and row["owner"] != owner):
-            return None
-        return _job(row)
-
-    def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
-        with self._read() as connection:
-            row = connection.execute(_SQL.summary, (request_id,)).fetchone()
-        if row is None or (owner is not None and row["owner"] != owner):
-            return None
-        return _summary(row)
+        with self._write() as transaction:
+            transaction.execute(_SUBMIT, statements.new_job_params(job, time.time()))
+            ticket = self._enqueue(transaction, job.request_id, job.lane, int(job.priority))
+            return self._position(transaction.connection, job.lane, int(job.priority), ticket)
 
     def queue_position(self, request_id: str) -> int | None:
         with self._read() as connection:
@@ -414,7 +394,7 @@ class SQLiteJobStore:
                     logs = [rows.log_line(line) for line in connection.execute(_SQL.logs, (request_id,))]
             finally:
                 connection.execute("COMMIT")
-        return row["owner"], Polled(_summary(row), position, logs)
+        return row["owner"], Polled(rows.summary(row), position, logs)
 
     async def ping(self) -> None:
         try:
@@ -427,267 +407,46 @@ class SQLiteJobStore:
     def serving(self) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()  # poll() needs nothing made on the loop
 
-    def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
-        with self._write() as connection:
-            while True:
-                # Only what deciding and timing out need: the input, possibly megabytes, is read once below.
-                row = connection.execute(
-                    "SELECT request_id, gateway_request_id, owner, lane, priority, ticket, start_deadline,"
-                    " webhook_url, output_ttl FROM jobs WHERE state = 'IN_QUEUE' AND lane = ?"
-                    " ORDER BY priority, ticket LIMIT 1",
-                    (lane,),
-                ).fetchone()
-                if row is None:
-                    return None
-                self._leave_queue(connection, row)
-                if row["start_deadline"] is not None and row["start_deadline"] < now:
-                    self._finish(connection, row, outcomes.timed_out(), now)
-                    continue
-                claimed = connection.execute(
-                    _SQL.start, (worker_id, now + lease_seconds, now, row["request_id"])
-                ).fetchone()
-                return _job(claimed)
-
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
-        with self._write() as connection:
+        with self._write_one() as connection:
             cursor = connection.execute(_SQL.renew_lease, (now + lease_seconds, request_id, worker_id))
             return cursor.rowcount == 1
 
-    def checkpoint(self, request_id: str, worker_id: str, name: str, value: str) -> bool:
-        with self._write() as connection:
-            return connection.execute(_SQL.checkpoint, (name, value, request_id, worker_id)).rowcount == 1
-
-    def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
-        with self._write() as connection:
-            row = connection.execute(_SQL.control, (request_id,)).fetchone()
-            if row is None or row["state"] == State.COMPLETED:
-                return False
-            if worker_id is not None and (row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id):
-                return False
-            if row["state"] == State.IN_QUEUE:
-                self._leave_queue(connection, row)
-            self._finish(connection, row, outcome, now)
-            return True
-
-    def _finish(self, connection: sqlite3.Connection, row: sqlite3.Row, outcome: Outcome, now: float) -> None:
-        connection.execute(_SQL.finish, statements.finish_params(row["request_id"], outcome, now))
-        if row["webhook_url"]:
-            connection.execute(_SQL.queue_webhook, statements.webhook_params(row, outcome, now))
-
-    def cancel(self, request_id: str, owner: str, now: float) -> CancelResult:
-        with self._write() as connection:
-            row = connection.execute(_SQL.control, (request_id,)).fetchone()
-            if row is None or row["owner"] != owner:
-                return CancelResult.NOT_FOUND
-            if row["state"] == State.COMPLETED:
-                return CancelResult.ALREADY_COMPLETED
-            if row["state"] == State.IN_QUEUE:
-                self._leave_queue(connection, row)
-                self._finish(connection, row, outcomes.cancelled(), now)
-                return CancelResult.CANCELLED
-            connection.execute(_SQL.request_cancel, (request_id,))
-            return CancelResult.REQUESTED
-
-    def cancel_requested(self, request_id: str) -> bool:
-        with self._read() as connection:
-            row = connection.execute(_SQL.cancel_requested, (request_id,)).fetchone()
-        return bool(row and row["cancel_requested"])
-
-    # -- logs ------------------------------------------------------------------------------------
-
-    def append_log(self, request_id: str, message: str, level: str, now: float) -> None:
-        with self._write() as connection:
-            connection.execute(_SQL.append_log, (request_id, now, level, message))
-
-    def logs(self, request_id: str) -> list[LogLine]:
-        with self._read() as connection:
-            found = connection.execute(_SQL.logs, (request_id,)).fetchall()
-        return [rows.log_line(row) for row in found]
-
     # -- housekeeping ----------------------------------------------------------------------------
 
-    def expire_unstarted(self, now: float) -> int:
-        with self._write() as connection:
-            found = connection.execute(_SQL.unstarted, (now,)).fetchall()
-            for row in found:
-                self._leave_queue(connection, row)
-                self._finish(connection, row, outcomes.timed_out(), now)
-            self._prune_holes(connection)
-            return len(found)
-
-    def _prune_holes(self, connection: sqlite3.Connection) -> None:
-        for lane, priority in connection.execute("SELECT lane, priority FROM queue_tickets").fetchall():
-            head = self._head(connection, lane, priority)
+    def _prune_holes(self, transaction: Transaction) -> None:
+        found = transaction.execute("SELECT lane, priority FROM queue_tickets").fetchall()
+        for lane, priority in found:
+            head = self._head(transaction.connection, lane, priority)
             if head is None:
-                connection.execute(
+                transaction.execute(
                     "DELETE FROM queue_holes WHERE lane = ? AND priority = ?", (lane, priority)
                 )
             else:
-                connection.execute(
+                transaction.execute(
                     "DELETE FROM queue_holes WHERE lane = ? AND priority = ? AND ticket < ?",
                     (lane, priority, head),
                 )
-
-    def recover_abandoned(self, now: float, settle_seconds: float = 0.0) -> int:
-        # One process: its heartbeats and this sweep share the store, so no outage can favour one of them.
-        with self._write() as connection:
-            found = connection.execute(_SQL.lapsed, (now,)).fetchall()
-            for row in found:
-                self._requeue_or_end(connection, row, now, lifecycle.LEASE_LAPSED)
-            return len(found)
 
     def recover_after_restart(self, now: float) -> int:
         """Re-queue every running job, ahead of everything else: each belonged to a dead process, since this
         store is single-process (see the lock). The crash is not the request's fault: it counts as an
         interruption, not a failure; only a request interrupted MAX_INTERRUPTIONS times is ended (it may be
         what kills the server). Returns how many were running."""
-        with self._write() as connection:
-            found = connection.execute(
+        with self._write() as transaction:
+            found = transaction.execute(
                 f"SELECT {statements.CONTROL_COLUMNS} FROM jobs WHERE state = 'IN_PROGRESS'"
                 " ORDER BY started_at, rowid"
             ).fetchall()
             for row in found:
-                self._requeue_or_end(connection, row, now, lifecycle.INTERRUPTED)
+                self._requeue_or_end(transaction, row, now, lifecycle.INTERRUPTED)
             return len(found)
-
-    def release(self, request_id: str, worker_id: str, reason: Release, now: float) -> State | None:
-        with self._write() as connection:
-            row = connection.execute(_SQL.control, (request_id,)).fetchone()
-            if row is None or row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id:
-                return None
-            return self._requeue_or_end(connection, row, now, lifecycle.RELEASES[reason])
-
-    def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
-        """Move queued jobs whose app is now routed to another backend into that backend's lane, keeping
-        their priority and order: after a routing change no accepted request waits for workers that no
-        longer exist. Returns how many moved."""
-        moved = 0
-        with self._write() as connection:
-            for app_id, lane in lanes.items():
-                found = connection.execute(_SQL.misrouted, (app_id, lane)).fetchall()
-                for row in found:
-                    self._leave_queue(connection, row)
-                    connection.execute(
-                        "UPDATE jobs SET lane = ? WHERE request_id = ?", (lane, row["request_id"])
-                    )
-                    self._enqueue(connection, row["request_id"], lane, row["priority"])
-                moved += len(found)
-            self._prune_holes(connection)
-        return moved
-
-    def _requeue_or_end(
-        self, connection: sqlite3.Connection, row: sqlite3.Row, now: float, why: lifecycle.Requeue
-    ) -> State:
-        """Put a running job back at the head of its lane, or end it when it must not run again."""
-        count = row[why.counter] + 1 if why.counter else 0
-        if why.counter:
-            connection.execute(_SQL.count[why.counter], (count, row["request_id"]))
-        ending = why.ending(count, bool(row["cancel_requested"]), bool(row["no_retry"]))
-        if ending is not None:
-            self._finish(connection, row, ending, now)
-        else:
-            connection.execute(
-                # It did start in time once: the start deadline no longer applies to the re-run.
-                "UPDATE jobs SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL,"
-                " start_deadline = NULL WHERE request_id = ?",
-                (row["request_id"],),
-            )
-            self._enqueue(connection, row["request_id"], row["lane"], Priority.RETRY)
-            connection.execute(_SQL.requeued_log, (row["request_id"], now, why.requeued))
-            return State.IN_QUEUE
-        return State.COMPLETED
-
-    def expired_outputs(self, now: float, limit: int) -> list[tuple[str, Sequence[str]]]:
-        with self._read() as connection:
-            found = connection.execute(_SQL.expired_outputs, (now, limit)).fetchall()
-        return [rows.expired_output(row) for row in found]
-
-    def mark_output_expired(self, request_id: str) -> None:
-        """Leave a tombstone: state and how it ended (status still answers, the result says 410); the
-        input and result bodies and the logs go."""
-        with self._write() as connection:
-            connection.execute(_SQL.mark_output_expired, (request_id,))
-            connection.execute(_SQL.drop_logs, (request_id,))
-
-    def prune_records(self, expired_before: float, limit: int) -> int:
-        with self._write() as connection:
-            # A delivery still to be tried keeps its request's record until it is delivered or given up.
-            found = connection.execute(
-                "SELECT request_id FROM jobs WHERE output_expired = 1 AND expires_at < ?"
-                " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS w WHERE w.request_id = jobs.request_id"
-                " AND w.state NOT IN ('delivered', 'failed')) LIMIT ?",
-                (expired_before, limit),
-            ).fetchall()
-            names = _SQL.dialect.bind_list([row["request_id"] for row in found])
-            for delete in _SQL.prune:
-                connection.execute(delete, (names,))
-            return len(found)
-
-    # -- webhooks --------------------------------------------------------------------------------
-
-    def due_webhooks(self, now: float, limit: int, after: DueWebhook | None = None) -> list[DueWebhook]:
-        # The state test must read exactly as the partial index's for SQLite to use it.
-        query = (
-            "SELECT delivery_id, request_id, url, next_attempt_at FROM webhook_deliveries"
-            " WHERE state IN ('pending', 'sending') AND next_attempt_at <= ?"
-        )
-        params: list[Any] = [now]
-        if after is not None:
-            query += " AND (next_attempt_at, delivery_id) > (?, ?)"
-            params += [after.due_at, after.delivery_id]
-        with self._read() as connection:
-            found = connection.execute(
-                query + " ORDER BY next_attempt_at, delivery_id LIMIT ?", (*params, limit)
-            ).fetchall()
-        return [rows.due_webhook(row) for row in found]
-
-    def start_webhook(self, delivery_id: int, now: float, deadline: float) -> WebhookDelivery | None:
-        with self._write() as connection:
-            row = connection.execute(_SQL.start_webhook, (deadline, delivery_id, now)).fetchone()
-        return None if row is None else _delivery(row)
-
-    def webhook_attempted(
-        self, delivery_id: int, delivered: bool, next_attempt_at: float | None, error: str
-    ) -> None:
-        state = statements.attempt_state(delivered, next_attempt_at)
-        with self._write() as connection:
-            # A delivery that already ended stays as it ended: a late report must not count a try twice.
-            connection.execute(_SQL.webhook_attempted, (state, next_attempt_at, error or None, delivery_id))
-
-    def release_webhooks(self, now: float, delivery_ids: Collection[int] | None = None) -> int:
-        release = (
-            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ? WHERE state = 'sending'"
-        )
-        with self._write() as connection:
-            if delivery_ids is None:
-                return connection.execute(release, (now,)).rowcount
-            return connection.execute(
-                release + " AND delivery_id IN (SELECT value FROM json_each(?))",
-                (now, _SQL.dialect.bind_list(delivery_ids)),
-            ).rowcount
-
-    def webhook_deliveries(self, request_id: str) -> list[WebhookDelivery]:
-        with self._read() as connection:
-            found = connection.execute(_SQL.webhook_deliveries, (request_id,)).fetchall()
-        return [_delivery(row) for row in found]
 
     # -- coordination: one process, nothing to coordinate -----------------------------------------
 
     def listen(self, on_job: Callable[[str], None], on_lane: Callable[[str], None]) -> Callable[[], None]:
         """Calls neither: the one process using this store wakes its own waiters."""
         return lambda: None
-
-    def secret(self, name: str, make: Callable[[], bytes]) -> bytes:
-        """The secret `name`, made with `make()` on first use and kept in the database from then on."""
-        with self._read() as connection:
-            row = connection.execute(_SQL.secret, (name,)).fetchone()
-        if row is not None:
-            return bytes(row["value"])
-        value = make()
-        with self._write() as connection:
-            connection.execute(_SQL.keep_secret, (name, value))
-            kept = connection.execute(_SQL.secret, (name,)).fetchone()
-        return bytes(kept["value"])
 
     def turn(self, task: str) -> contextlib.AbstractContextManager[bool]:
         """Always this process's turn: nobody else uses the store."""

@@ -5,9 +5,9 @@ Every way the two dialects differ in that SQL is one constant fragment of `Diale
 names, booleans, row locks, ignoring a duplicate row, a list bound as one parameter); `Statements` builds
 each store's texts from them once, at import. Nothing here is built from a value known only at run time:
 values are always bound parameters, and the few names chosen at run time (a counter column) pick one of
-the texts made here. What really differs between the stores stays in each: ticket allocation and queue
-positions, hole pruning, claims, transactions and notifications, and the few SQLite texts that
-bench/mutation_check.py plants bugs in (they must stay where its snippets find them).
+the texts made here. The code that runs them once for both stores is `kontextd.jobs.sql_store`; what
+really differs between the stores stays in each: ticket allocation and queue positions, hole pruning,
+transactions and notifications, and PostgreSQL's one-statement claims and ends of work.
 """
 
 import json
@@ -34,6 +34,7 @@ class Dialect:
     prefix: str  # of every table name: the PostgreSQL database may be shared with other applications
     true: str  # a boolean column's true, as the column is typed
     output_kept: str  # "the outputs are kept", worded as the partial index's condition: the planner uses it
+    output_gone: str  # "the outputs expired" (a tombstone), worded as its partial index's condition
     lock: str  # ends a read of the row a transaction decides on: held to the commit ("" with one writer)
     skip_locked: str  # ends a sweep's read: rows another node holds are skipped, not waited for
     expiry_order: str  # the order expired queued jobs are ended in ("": the deadline index's, as ever)
@@ -42,7 +43,9 @@ class Dialect:
     on_duplicate: str  # ...and its end
     with_entry: str  # a JSON object text (the column at {column}) with one (name, value) more, both bound
     in_texts: str  # "is one of the texts in one bound parameter", after a column
+    in_numbers: str  # the same for integers
     bind_list: Callable[[Collection[Any]], Any]  # the value that parameter is bound to
+    holds_nul: bool  # text may hold NUL characters (PostgreSQL's cannot)
 
     def table(self, name: str) -> str:
         return self.prefix + name
@@ -57,6 +60,7 @@ SQLITE = Dialect(
     prefix="",
     true="1",
     output_kept="output_expired = 0",
+    output_gone="output_expired = 1",
     lock="",
     skip_locked="",
     expiry_order="",
@@ -65,7 +69,9 @@ SQLITE = Dialect(
     on_duplicate="",
     with_entry="json_patch(coalesce({column}, '{{}}'), json_object(?, ?))",
     in_texts="IN (SELECT value FROM json_each(?))",
+    in_numbers="IN (SELECT value FROM json_each(?))",
     bind_list=lambda values: json.dumps(list(values)),
+    holds_nul=True,
 )
 
 POSTGRES = Dialect(
@@ -74,6 +80,7 @@ POSTGRES = Dialect(
     prefix="kontextd_",
     true="true",
     output_kept="NOT output_expired",
+    output_gone="output_expired",
     lock=" FOR UPDATE",
     skip_locked=" FOR UPDATE SKIP LOCKED",
     expiry_order=" ORDER BY seq",
@@ -82,7 +89,9 @@ POSTGRES = Dialect(
     on_duplicate=" ON CONFLICT DO NOTHING",
     with_entry="(coalesce({column}, '{{}}')::jsonb || jsonb_build_object(%s::text, %s::text))::text",
     in_texts="= ANY(%s::text[])",
+    in_numbers="= ANY(%s::bigint[])",
     bind_list=list,
+    holds_nul=False,
 )
 
 
@@ -108,6 +117,12 @@ class Statements:
             f" FROM {jobs} WHERE request_id = {p}"
         )
         self.control = f"SELECT {CONTROL_COLUMNS} FROM {jobs} WHERE request_id = {p}{d.lock}"
+        # The next job of a lane to run: what deciding and timing out need (the input, possibly megabytes,
+        # is read once it starts); on a shared store the first no other node holds.
+        self.queue_head = (
+            f"SELECT {CONTROL_COLUMNS} FROM {jobs} WHERE state = 'IN_QUEUE' AND lane = {p}"
+            f" ORDER BY priority, ticket LIMIT 1{d.skip_locked}"
+        )
         self.start = (
             f"UPDATE {jobs} SET state = 'IN_PROGRESS', worker_id = {p}, lease_expires_at = {p},"
             f" started_at = {p}, attempts = attempts + 1 WHERE request_id = {p} RETURNING *"
@@ -134,6 +149,12 @@ class Statements:
         self.checkpoint = (
             f"UPDATE {jobs} SET checkpoints_json = {d.with_entry.format(column='checkpoints_json')}"
             f" WHERE request_id = {p} AND worker_id = {p} AND state = 'IN_PROGRESS'"
+        )
+        # A running job handed back: no worker, no lease; it did start in time once, so the start deadline
+        # no longer applies to the re-run.
+        self.unassign = (
+            f"UPDATE {jobs} SET worker_id = NULL, lease_expires_at = NULL, started_at = NULL,"
+            f" start_deadline = NULL WHERE request_id = {p}"
         )
         self.request_cancel = f"UPDATE {jobs} SET cancel_requested = {d.true} WHERE request_id = {p}"
         self.cancel_requested = f"SELECT cancel_requested FROM {jobs} WHERE request_id = {p}"
@@ -172,12 +193,31 @@ class Statements:
             f" WHERE request_id = {p}"
         )
         self.drop_logs = f"DELETE FROM {logs} WHERE request_id = {p}"
+        # Tombstones whose time is up; a delivery still to be tried keeps its request's record until it is
+        # delivered or given up.
+        self.prunable = (
+            f"SELECT request_id FROM {jobs} AS job WHERE {d.output_gone} AND expires_at < {p}"
+            f" AND NOT EXISTS (SELECT 1 FROM {webhooks} AS hook WHERE hook.request_id = job.request_id"
+            f" AND hook.state NOT IN ('delivered', 'failed')) LIMIT {p}{d.skip_locked}"
+        )
         # A pruned record's rows, each table's bound to bind_list(request ids); the job's own row last.
         self.prune: tuple[str, ...] = tuple(
             f"DELETE FROM {table} WHERE request_id {d.in_texts}" for table in (logs, webhooks, jobs)
         )
 
         # -- webhooks
+        # Due: pending, or in flight past the sender's deadline. The state test reads exactly as the partial
+        # index's, for SQLite to use it; `_after` continues a listing after (due time, delivery id).
+        due = (
+            f"SELECT delivery_id, request_id, url, next_attempt_at FROM {webhooks}"
+            f" WHERE state IN ('pending', 'sending') AND next_attempt_at <= {p}"
+        )
+        order = f" ORDER BY next_attempt_at, delivery_id LIMIT {p}"
+        self.due_webhooks = due + order
+        self.due_webhooks_after = f"{due} AND (next_attempt_at, delivery_id) > ({p}, {p}){order}"
+        release = f"UPDATE {webhooks} SET state = 'pending', next_attempt_at = {p} WHERE state = 'sending'"
+        self.release_webhooks = release
+        self.release_named_webhooks = f"{release} AND delivery_id {d.in_numbers}"
         self.start_webhook = (
             f"UPDATE {webhooks} SET state = 'sending', next_attempt_at = {p}"
             f" WHERE delivery_id = {p} AND state IN ('pending', 'sending') AND next_attempt_at <= {p}"
@@ -194,6 +234,11 @@ class Statements:
         self.keep_secret = (
             f"{d.insert_ignoring} {d.table('secrets')} (name, value) VALUES ({p}, {p}){d.on_duplicate}"
         )
+
+    def text(self, value: str) -> str:
+        """`value` as this dialect's text can hold it: PostgreSQL's cannot hold NUL, so the line is kept
+        with the spot marked."""
+        return value if self.dialect.holds_nul else value.replace("\x00", "\ufffd")
 
     def new_job_values(self, ticket: str) -> str:
         """NEW_JOB_COLUMNS' values, bound by name to new_job_params(), queued in state IN_QUEUE with `ticket`

@@ -2,7 +2,8 @@
 
 The embedded implementation is SQLite (`kontextd.jobs.sqlite`), used by one process; the scale-out one is
 PostgreSQL (`kontextd.jobs.postgres`: SKIP LOCKED claims, LISTEN/NOTIFY), shared by any number of API
-nodes and worker processes. Both pass one contract suite (tests/test_job_store.py). Methods are
+nodes and worker processes. What they do alike is written once (`kontextd.jobs.sql_store`, with the SQL
+of `kontextd.jobs.statements`), and both pass one contract suite (tests/test_job_store.py). Methods are
 synchronous and short, and the API calls them off the event loop, but for poll(): the read a status poll
 makes, awaited on the loop. Any call may raise StoreUnavailable (a full disk, a database that is down or
 restarting).
