@@ -58,7 +58,9 @@ class JobStore(Protocol):
         """Like get(), without the input and result bodies: what status polls read."""
 
     def queue_position(self, request_id: str) -> int | None:
-        """How many queued jobs run before this one; None when it is not queued. Never scans the queue."""
+        """How many queued jobs run before this one; None when it is not queued. Never scans the queue.
+        Read from the database each time, never from poll()'s cache: the API reads positions through
+        poll(); this is the independent read the contract suite checks poll() and its cache against."""
 
     async def poll(self, request_id: str, owner: str | None, with_logs: bool) -> Polled | None:
         """What a status poll reads, awaited on the event loop: the summary (None when unknown or, with
