@@ -47,6 +47,9 @@ class LeanRoute(APIRoute):
     """An APIRoute whose endpoint is called with arguments resolved by a plan made at start-up."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
+        # APIRoute.__init__ asks for the handler once (to wrap it in request_response): the plan is made
+        # then, and kept for the app below.
+        self._handler: Callable[[Request], Coroutine[Any, Any, Response]] | None = None
         super().__init__(path, endpoint, **options)
         handler = self.get_route_handler()
 
@@ -60,6 +63,11 @@ class LeanRoute(APIRoute):
         self.app = app
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        if self._handler is None:
+            self._handler = self._planned_handler()
+        return self._handler
+
+    def _planned_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         dependant = self.dependant
         unsupported = [
             kind
