@@ -192,6 +192,36 @@ def test_run_returns_output(tls_server: KontextdServer) -> None:
     assert_stored_images(tls_server, result, 1, "png")
 
 
+def test_stream_yields_progress_then_the_output_last(tls_server: KontextdServer) -> None:
+    found = run_script(tls_server, "stream.py")
+    events = found["events"]
+    *progress, output = events
+    # Progress first, in order, each a status the queue API would answer; then the output, alone, last.
+    states = [event["status"] for event in progress]
+    assert states[-1] == "COMPLETED" and states.count("COMPLETED") == 1
+    order = {"IN_QUEUE": 0, "IN_PROGRESS": 1, "COMPLETED": 2}
+    assert [order[state] for state in states] == sorted(order[state] for state in states)
+    steps = [step_messages(event["logs"]) for event in progress if event["status"] == "IN_PROGRESS"]
+    assert len(steps) >= 2 and steps == sorted(steps, key=len)  # live: the log grows event by event
+    assert step_messages(progress[-1]["logs"])[-1] == "step 28/28"
+    assert found["spread_seconds"] > 0  # events arrived over time, not all at the end
+    assert len({event["request_id"] for event in progress}) == 1
+    assert set(output) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}
+    assert output["seed"] == 0 and output["prompt"] == "a kite"  # seed 0 is a seed
+    assert_stored_images(tls_server, output, 2, "jpeg")
+    # A request the worker could not run ends with its error, in fal's validation shape.
+    *_, error = found["failed"]
+    [detail] = error["detail"]
+    assert detail["loc"] == ["body", "image_url"] and detail["type"] == "file_download_error"
+    assert found["failed"][-2]["status"] == "COMPLETED"
+    # An invalid input is answered at once as JSON, before anything is queued or streamed: fal-client
+    # reports that it got no event stream; the answer itself is fal's 422.
+    assert found["refused"]["raised"] == "SSEError" and "application/json" in found["refused"]["message"]
+    with tls_server.client(key=KEY) as client:
+        refused = client.post("/run/fal-ai/flux-kontext/dev/stream", json={"prompt": "no image"})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "image_url"]
+
+
 def test_cancel_queued_and_running(tls_server: KontextdServer) -> None:
     found = run_script(tls_server, "cancel.py")
     queued, running = found["queued"], found["running"]

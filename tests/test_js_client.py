@@ -32,16 +32,21 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KontextdS
     instance.stop()
 
 
-def test_js_client_subscribe_and_run(js_client: Path, keyed_server: KontextdServer) -> None:
-    completed = subprocess.run(
-        ["node", "subscribe.mjs", keyed_server.base_url, "js-key"],
-        cwd=js_client,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def node(js_client: Path, script: str, server: KontextdServer, key: str) -> subprocess.CompletedProcess[str]:
+    """One of tests/js's scripts, run against the server with the key."""
+    return subprocess.run(
+        ["node", script, server.base_url, key], cwd=js_client, capture_output=True, text=True, timeout=120
     )
+
+
+def seen_by(completed: subprocess.CompletedProcess[str]) -> dict:
+    """What a script that succeeded printed last: one JSON line."""
     assert completed.returncode == 0, completed.stderr
-    seen = json.loads(completed.stdout.strip().splitlines()[-1])
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_js_client_subscribe_and_run(js_client: Path, keyed_server: KontextdServer) -> None:
+    seen = seen_by(node(js_client, "subscribe.mjs", keyed_server, "js-key"))
 
     image = seen["data"]["images"][0]
     assert (image["width"], image["height"]) == (176, 96)  # 16:9 from the Kontext table, scaled for tiny
@@ -52,13 +57,18 @@ def test_js_client_subscribe_and_run(js_client: Path, keyed_server: KontextdServ
     assert seen["run"]["images"][0]["content_type"] == "image/jpeg"
 
 
+def test_js_client_stream_ends_with_the_output(js_client: Path, keyed_server: KontextdServer) -> None:
+    seen = seen_by(node(js_client, "stream.mjs", keyed_server, "js-key"))
+    *progress, output = seen["events"]
+    assert seen["done"] == output  # done() resolves with the last event: the output
+    assert [event["status"] for event in progress][-1] == "COMPLETED"
+    assert any(line["message"].startswith("step ") for event in progress for line in event["logs"] or [])
+    image = output["images"][0]
+    assert (image["width"], image["height"]) == (96, 176) and output["seed"] == 21  # 9:16, tiny scale
+    assert seen["requestId"] == progress[0]["request_id"]  # from x-fal-request-id
+
+
 def test_js_client_wrong_key_is_refused(js_client: Path, keyed_server: KontextdServer) -> None:
-    completed = subprocess.run(
-        ["node", "subscribe.mjs", keyed_server.base_url, "not-the-key"],
-        cwd=js_client,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    completed = node(js_client, "subscribe.mjs", keyed_server, "not-the-key")
     assert completed.returncode != 0
     assert "401" in completed.stderr or "Unauthorized" in completed.stderr or "API key" in completed.stderr

@@ -30,6 +30,7 @@ from kontextd.api.responses import (
     CANCEL_RESPONSES,
     RESULT_RESPONSES,
     RUN_RESPONSES,
+    RUN_STREAM_RESPONSES,
     STATUS_RESPONSES,
     STREAM_RESPONSES,
     SUBMIT_RESPONSES,
@@ -179,8 +180,72 @@ async def _wait_until_completed(services: Services, request_id: str, owner: str)
         await feed.wait(request_id, waiter, POLL_FALLBACK_SECONDS)
 
 
-def _submit_route(endpoint: Endpoint, run_mode: bool) -> Callable[..., Awaitable[JSONResponse]]:
-    """The submit (or sync run) handler of one endpoint: its signature names the endpoint's input model."""
+async def _status_events(
+    services: Services, base: str, app_owner: str, app_alias: str, request_id: str, with_logs: bool
+) -> AsyncIterator[str]:
+    """A request's status as server-sent events: `data: <status JSON>` each time it changes, until it has
+    ended; `: ping` comments in between keep the connection alive."""
+    ping_interval = services.settings.sse_ping_interval
+    feed = services.feed
+    assert feed is not None
+    last_sent: dict[str, Any] | None = None
+    last_write = time.monotonic()
+    while True:
+        # Woken by any process's change to this request (the store's notifications), else re-read on a
+        # timeout: a lost wake-up delays an event, never drops it.
+        waiter = feed.watch(request_id)
+        try:
+            found = await _status_of(services, base, app_owner, app_alias, request_id, None, with_logs)
+        except StoreUnavailable:  # the database restarting: keep the stream alive, ask again shortly
+            if time.monotonic() - last_write >= ping_interval:
+                yield ": ping\n\n"
+                last_write = time.monotonic()
+            await feed.wait(request_id, waiter, POLL_FALLBACK_SECONDS)
+            continue
+        if found is None:
+            waiter.cancel()
+            return
+        current, body = found
+        if body != last_sent:
+            yield f"data: {json.dumps(body)}\n\n"
+            last_sent, last_write = body, time.monotonic()
+        if current.state == State.COMPLETED:
+            waiter.cancel()
+            return
+        if time.monotonic() - last_write >= ping_interval:
+            yield ": ping\n\n"
+            last_write = time.monotonic()
+        await feed.wait(request_id, waiter, min(POLL_FALLBACK_SECONDS, ping_interval))
+
+
+def _event_stream(events: AsyncIterator[str], request_id: str) -> StreamingResponse:
+    headers = {"x-fal-request-id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+async def _run_events(services: Services, request: Request, job: NewJob) -> AsyncIterator[str]:
+    """A streaming run's events: its status with logs as it changes, then its output as the last event
+    (what fal_client.stream yields last and fal.stream's done() resolves with); a request that failed
+    ends with its error body instead, as an `error` event."""
+    app_owner, app_alias = queue_prefix(job.app_id).split("/")
+    base = _base_url(services, request)
+    async for event in _status_events(services, base, app_owner, app_alias, job.request_id, True):
+        yield event
+    finished = await _wait_until_completed(services, job.request_id, job.owner)
+    assert finished.outcome is not None
+    output = services.urls.render(finished.outcome.body, str(request.base_url))
+    kind = "" if finished.outcome.ok else "event: error\n"
+    yield f"{kind}data: {json.dumps(output)}\n\n"
+
+
+SubmitMode = Literal["queue", "run", "stream"]  # answer with the envelope, the output, or events
+
+
+def _submit_route(
+    endpoint: Endpoint, mode: SubmitMode
+) -> Callable[..., Awaitable[JSONResponse | StreamingResponse]]:
+    """The submit (queue), sync run or streaming run handler of one endpoint: its signature names the
+    endpoint's input model."""
     input_model: type[BaseModel] = endpoint.input_model
 
     async def submit(
@@ -220,7 +285,7 @@ def _submit_route(endpoint: Endpoint, run_mode: bool) -> Callable[..., Awaitable
             Literal["1", "0", "true", "false"] | None,
             Header(description="1 (or true): do not re-run the request if its worker stops; 0: do."),
         ] = None,
-    ) -> JSONResponse:
+    ) -> JSONResponse | StreamingResponse:
         job = _new_job(
             services,
             endpoint,
@@ -234,9 +299,11 @@ def _submit_route(endpoint: Endpoint, run_mode: bool) -> Callable[..., Awaitable
         )
         position = await run_in_threadpool(services.store.submit, job)
         services.wake_workers(job.lane)  # this process's; other processes hear of it through the store
-        if run_mode:
+        if mode == "run":
             finished = await _wait_until_completed(services, job.request_id, owner)
             return _outcome_response(services, request, finished)
+        if mode == "stream":
+            return _event_stream(_run_events(services, request, job), job.request_id)
         envelope = {
             "status": "IN_QUEUE",
             "request_id": job.request_id,
@@ -256,7 +323,7 @@ router = APIRouter(route_class=JsonRoute)
 for _endpoint in ENDPOINTS:
     router.add_api_route(
         f"/{_endpoint.app_id}",
-        _submit_route(_endpoint, run_mode=False),
+        _submit_route(_endpoint, "queue"),
         methods=["POST"],
         tags=[_endpoint.app_id],
         summary=_endpoint.title,
@@ -267,7 +334,7 @@ for _endpoint in ENDPOINTS:
     )
     router.add_api_route(
         f"{RUN_PREFIX}/{_endpoint.app_id}",
-        _submit_route(_endpoint, run_mode=True),
+        _submit_route(_endpoint, "run"),
         methods=["POST"],
         tags=["run (sync)"],
         summary=f"{_endpoint.title}: wait for the result",
@@ -275,6 +342,20 @@ for _endpoint in ENDPOINTS:
         response_model=KontextOutput,
         responses=RUN_RESPONSES,
         operation_id=f"run_{_endpoint.app_id}",
+    )
+    router.add_api_route(
+        f"{RUN_PREFIX}/{_endpoint.app_id}/stream",
+        _submit_route(_endpoint, "stream"),
+        methods=["POST"],
+        tags=["run (streaming)"],
+        summary=f"{_endpoint.title}: stream progress, then the result",
+        description=_endpoint.description
+        + " Server-sent events: the status with logs each time it changes, then the output as the last"
+        " event (a failed request's error body instead, as an `error` event).",
+        response_class=StreamingResponse,
+        response_model=None,
+        responses=RUN_STREAM_RESPONSES,
+        operation_id=f"stream_{_endpoint.app_id}",
     )
 
 
@@ -354,44 +435,9 @@ async def stream(
 ) -> StreamingResponse | JSONResponse:
     if await _read(services, _find, services, app_owner, app_alias, request_id, owner) is None:
         return JSONResponse(NOT_FOUND, status_code=404)
-    with_logs = logs in ("1", "true")
     base = _base_url(services, request)
-    ping_interval = services.settings.sse_ping_interval
-
-    async def events() -> AsyncIterator[str]:
-        feed = services.feed
-        assert feed is not None
-        last_sent: dict[str, Any] | None = None
-        last_write = time.monotonic()
-        while True:
-            # Woken by any process's change to this request (the store's notifications), else re-read
-            # on a timeout: a lost wake-up delays an event, never drops it.
-            waiter = feed.watch(request_id)
-            try:
-                found = await _status_of(services, base, app_owner, app_alias, request_id, None, with_logs)
-            except StoreUnavailable:  # the database restarting: keep the stream alive, ask again shortly
-                if time.monotonic() - last_write >= ping_interval:
-                    yield ": ping\n\n"
-                    last_write = time.monotonic()
-                await feed.wait(request_id, waiter, POLL_FALLBACK_SECONDS)
-                continue
-            if found is None:
-                waiter.cancel()
-                return
-            current, body = found
-            if body != last_sent:
-                yield f"data: {json.dumps(body)}\n\n"
-                last_sent, last_write = body, time.monotonic()
-            if current.state == State.COMPLETED:
-                waiter.cancel()
-                return
-            if time.monotonic() - last_write >= ping_interval:
-                yield ": ping\n\n"
-                last_write = time.monotonic()
-            await feed.wait(request_id, waiter, min(POLL_FALLBACK_SECONDS, ping_interval))
-
-    headers = {"x-fal-request-id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    events = _status_events(services, base, app_owner, app_alias, request_id, logs in ("1", "true"))
+    return _event_stream(events, request_id)
 
 
 def _result_of(

@@ -72,6 +72,14 @@ STREAM_RESPONSES: Responses = {
     **NOT_FOUND,
     **BAD_PARAMETER,
 }
+RUN_STREAM_RESPONSES: Responses = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "`data: <status JSON>` events as the request moves, then `data: <output JSON>`; a"
+        " request that failed ends with `event: error` and its error body; `: ping` comments in between",
+    },
+    **SUBMIT_RESPONSES,
+}
 RESULT_RESPONSES: Responses = {
     **FAILED_REQUEST,
     400: {"model": Message, "description": "Still in progress (or, with error_type, cancelled)"},
