@@ -300,6 +300,43 @@ def test_aspect_ratio_outside_the_enum(client: httpx.Client, image_host: Loopbac
     }
 
 
+@pytest.mark.parametrize(
+    ("image_size", "loc", "kind"),
+    [
+        (
+            "landscape_21_9",
+            [
+                "body",
+                "image_size",
+                "literal['square_hd','square','portrait_4_3','portrait_16_9',"
+                "'landscape_4_3','landscape_16_9']",
+            ],
+            "literal_error",
+        ),
+        (
+            {"width": 0, "height": 10},
+            ["body", "image_size", "ImageDimensions", "width"],
+            "greater_than_equal",
+        ),
+        (
+            {"width": 10, "height": 14143},
+            ["body", "image_size", "ImageDimensions", "height"],
+            "less_than_equal",
+        ),
+        ({"width": "10", "height": 10}, ["body", "image_size", "ImageDimensions", "width"], "int_type"),
+        ({"width": 10}, ["body", "image_size", "ImageDimensions", "height"], "missing"),
+    ],
+)
+def test_image_size_must_be_a_preset_or_dimensions(
+    client: httpx.Client, image_size: object, loc: list[str], kind: str
+) -> None:
+    response = submit(client, TEXT_TO_IMAGE, {"prompt": "x", "image_size": image_size})
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert all(error["loc"][:2] == ["body", "image_size"] for error in errors), errors
+    assert any(error["loc"] == loc and error["type"] == kind for error in errors), errors
+
+
 def test_seed_003_example_verbatim_is_a_clean_422_on_aspect_ratio(client: httpx.Client) -> None:
     response = client.post(f"/{MAX_EDIT}", content=SEED_003_EXAMPLE.encode(), headers=JSON)
     assert only_error(response) == {

@@ -393,6 +393,41 @@ def test_every_aspect_ratio_on_text_to_image(fal: Fal) -> None:
         assert decoded.size == TINY_SIZES[ratio], ratio
 
 
+def test_image_size_is_taken_as_the_nearest_aspect_ratio_when_none_is_given(
+    fal: Fal, image_host: LoopbackServer
+) -> None:
+    """What the AI SDK sends (image_size), as the nearest Kontext shape; an aspect ratio given wins."""
+    cases = [
+        (TEXT_TO_IMAGE, {"image_size": "landscape_16_9"}, "16:9"),
+        (TEXT_TO_IMAGE, {"image_size": "portrait_4_3"}, "3:4"),
+        (TEXT_TO_IMAGE, {"image_size": "square_hd"}, "1:1"),
+        (TEXT_TO_IMAGE, {"image_size": {"width": 1000, "height": 1500}}, "2:3"),  # exactly 2:3
+        (TEXT_TO_IMAGE, {"image_size": {"width": 2000, "height": 800}}, "21:9"),  # 2.5: nearer 21:9 than 16:9
+        (TEXT_TO_IMAGE, {"image_size": "portrait_16_9", "aspect_ratio": "1:1"}, "1:1"),
+        (PRO_EDIT, {"image_url": f"{image_host.url}/wide.png", "image_size": "portrait_16_9"}, "9:16"),
+        (
+            DEV,
+            {"image_url": f"{image_host.url}/wide.png", "num_inference_steps": 10, "image_size": "square"},
+            "1:1",
+        ),
+        (  # a resolution_mode given wins, as an aspect ratio does
+            DEV,
+            {
+                "image_url": f"{image_host.url}/square.png",
+                "num_inference_steps": 10,
+                "image_size": "square",
+                "resolution_mode": "16:9",
+            },
+            "16:9",
+        ),
+    ]
+    envelopes = [
+        (fal.submit(app, {"prompt": "shape", "seed": 0} | body), ratio) for app, body, ratio in cases
+    ]
+    for (envelope, ratio), (app, body, _) in zip(envelopes, cases, strict=True):
+        assert sizes(fal.output(envelope)) == [TINY_SIZES[ratio]], (app, body)
+
+
 def test_max_text_to_image_defaults_to_square(fal: Fal) -> None:
     assert sizes(fal.output(fal.submit(MAX_TEXT_TO_IMAGE, {"prompt": "max"}))) == [(128, 128)]
 

@@ -2,9 +2,17 @@
 
 import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 AspectRatio = Literal["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"]
@@ -100,6 +108,53 @@ ImageUrl = Annotated[
 ]
 
 
+# fal's image_size presets, each an aspect ratio (its pixels are fal's; Kontext makes about one megapixel
+# whatever the preset, so only the shape counts).
+IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square_hd": (1, 1),
+    "square": (1, 1),
+    "portrait_4_3": (3, 4),
+    "portrait_16_9": (9, 16),
+    "landscape_4_3": (4, 3),
+    "landscape_16_9": (16, 9),
+}
+ImageSizePreset = Literal[
+    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
+]
+
+
+class ImageDimensions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    width: Annotated[int, Integer] = Field(ge=1, le=14142, description="Pixels across (1 to 14142).")
+    height: Annotated[int, Integer] = Field(ge=1, le=14142, description="Pixels down (1 to 14142).")
+
+
+ImageSize = Annotated[
+    ImageSizePreset | ImageDimensions | None,
+    Field(
+        description="What the AI SDK and fal's other apps send for the shape: a preset or {width, height}. "
+        "Taken as the nearest aspect ratio when no aspect ratio is given; an aspect ratio given wins.",
+    ),
+]
+
+
+def nearest_ratio(size: str | ImageDimensions, choices: tuple[str, ...]) -> str:
+    """The choice ("W:H") nearest in shape to an image_size: the smallest difference of log aspect ratios, so
+    2:1 is as far from 1:1 as 1:2 is."""
+    width, height = IMAGE_SIZE_PRESETS[size] if isinstance(size, str) else (size.width, size.height)
+
+    def distance(choice: str) -> float:
+        across, down = choice.split(":")
+        return abs(math.log(int(across) / int(down)) - math.log(width / height))
+
+    return min(choices, key=distance)
+
+
+ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
+RESOLUTION_RATIOS = tuple(mode for mode in get_args(ResolutionMode) if ":" in mode)
+
+
 class _KontextInput(BaseModel):
     # Strict: a field takes only its JSON type, as the OpenAPI document says ("true" is no boolean, "3" no
     # number). NaN and infinity are no numbers a client means: refused like any value out of range.
@@ -148,11 +203,21 @@ def _check_image_url(value: str) -> str:
     raise PydanticCustomError("value_error", "must be an https:// or http:// URL or a data: URI")
 
 
-class ProTextToImageInput(_ProFields):
+class _ShapedByImageSize(_ProFields):
+    image_size: ImageSize = None
+
+    @model_validator(mode="after")
+    def _aspect_ratio_from_image_size(self) -> "_ShapedByImageSize":
+        if self.image_size is not None and "aspect_ratio" not in self.model_fields_set:
+            self.aspect_ratio = nearest_ratio(self.image_size, ASPECT_RATIOS)  # type: ignore[attr-defined]
+        return self
+
+
+class ProTextToImageInput(_ShapedByImageSize):
     aspect_ratio: AspectRatio = Field("1:1", description="The aspect ratio of the generated image.")
 
 
-class ProEditInput(_ProFields):
+class ProEditInput(_ShapedByImageSize):
     image_url: ImageUrl
     aspect_ratio: AspectRatio | None = Field(
         None, description="The aspect ratio of the generated image. Absent: follow the input image."
@@ -184,6 +249,13 @@ class DevEditInput(_KontextInput):
         description="Output resolution: match_input follows the input image, auto lets the model choose, "
         "or a fixed aspect ratio.",
     )
+    image_size: ImageSize = None
+
+    @model_validator(mode="after")
+    def _resolution_from_image_size(self) -> "DevEditInput":
+        if self.image_size is not None and "resolution_mode" not in self.model_fields_set:
+            self.resolution_mode = nearest_ratio(self.image_size, RESOLUTION_RATIOS)  # type: ignore[assignment]
+        return self
 
     _image_url = field_validator("image_url")(_check_image_url)
 
