@@ -180,9 +180,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "jobs-summary-other-owner",
         SQL_STORE,
         'if row is None or (owner is not None and row["owner"] != owner):\n            return None\n'
-        "        return rows.summary(row)",
-        "if row is None:\n            return None\n        return rows.summary(row)",
-        "status summaries are returned to any key",
+        "        return row",
+        "if row is None:\n            return None\n        return row",
+        "jobs and their status summaries are returned to any key",
         JOB_STORE,
         OTHER_KEYS,
     ),

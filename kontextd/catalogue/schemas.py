@@ -121,6 +121,8 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
 ImageSizePreset = Literal[
     "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
 ]
+# The published enum and the shapes name the same presets: a preset accepted without a shape would be a 500.
+assert set(get_args(ImageSizePreset)) == set(IMAGE_SIZE_PRESETS)
 
 
 class ImageDimensions(BaseModel):

@@ -567,13 +567,6 @@ class PostgresJobStore(SqlJobStore):
         # The head's start deadline passed: the general way, which times such jobs out on the way.
         return super().claim(worker_id, lease_seconds, now, lane)
 
-    def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
-        # One statement, atomic by itself (autocommit). Not announced: a heartbeat changes nothing a
-        # waiter looks at.
-        with self._connection() as connection:
-            cursor = connection.execute(_SQL.renew_lease, (now + lease_seconds, request_id, worker_id))
-            return cursor.rowcount == 1
-
     def complete(self, request_id: str, outcome: Outcome, now: float, worker_id: str | None = None) -> bool:
         if worker_id is not None:
             with self._connection() as connection:

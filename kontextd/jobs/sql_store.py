@@ -102,18 +102,20 @@ class SqlJobStore(abc.ABC):
     # -- jobs ------------------------------------------------------------------------------------------
 
     def get(self, request_id: str, owner: str | None = None) -> Job | None:
-        with self._read() as connection:
-            row = connection.execute(self._sql.job, (request_id,)).fetchone()
-        if row is None or (owner is not None and row["owner"] != owner):
-            return None
-        return rows.job(row)
+        row = self._owned(self._sql.job, request_id, owner)
+        return None if row is None else rows.job(row)
 
     def summary(self, request_id: str, owner: str | None = None) -> JobSummary | None:
+        row = self._owned(self._sql.summary, request_id, owner)
+        return None if row is None else rows.summary(row)
+
+    def _owned(self, statement: str, request_id: str, owner: str | None) -> rows.Row | None:
+        """The job's row as `statement` reads it; None when unknown or (with `owner`) someone else's."""
         with self._read() as connection:
-            row = connection.execute(self._sql.summary, (request_id,)).fetchone()
+            row = connection.execute(statement, (request_id,)).fetchone()
         if row is None or (owner is not None and row["owner"] != owner):
             return None
-        return rows.summary(row)
+        return row
 
     def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
         """The head of the lane (on a shared store, the first no other node holds: a concurrent claimer
@@ -133,6 +135,12 @@ class SqlJobStore(abc.ABC):
                 ).fetchone()
                 transaction.changed(row["request_id"])
                 return rows.job(claimed)
+
+    def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
+        # One statement, atomic by itself. Not announced: a heartbeat changes nothing a waiter looks at.
+        with self._write_one() as connection:
+            cursor = connection.execute(self._sql.renew_lease, (now + lease_seconds, request_id, worker_id))
+            return cursor.rowcount == 1
 
     def checkpoint(self, request_id: str, worker_id: str, name: str, value: str) -> bool:
         with self._write_one() as connection:

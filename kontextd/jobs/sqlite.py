@@ -407,11 +407,6 @@ class SQLiteJobStore(SqlJobStore):
     def serving(self) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()  # poll() needs nothing made on the loop
 
-    def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
-        with self._write_one() as connection:
-            cursor = connection.execute(_SQL.renew_lease, (now + lease_seconds, request_id, worker_id))
-            return cursor.rowcount == 1
-
     # -- housekeeping ----------------------------------------------------------------------------
 
     def _prune_holes(self, transaction: Transaction) -> None:
