@@ -155,7 +155,7 @@ def main() -> None:
             for level in LEVELS:
                 job = GenerationJob(
                     prompt="a lighthouse at dusk",
-                    image=ImageInput("reference", lambda url, image=image: image) if image else None,
+                    images=(ImageInput("reference", lambda url, image=image: image),) if image else (),
                     aspect_ratio="1:1",
                     num_images=batch,
                     seed=0,

@@ -41,7 +41,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.95
 DEFAULT_TIMEOUT = 900.0  # seconds for one mutant's tests: a hang is reported as a timeout, not waited out
-AREAS = ("jobs", "api", "shown", "catalogue", "fetch", "storage", "webhooks", "worker", "runtime", "server")
+AREAS = (
+    "jobs",
+    "api",
+    "shown",
+    "catalogue",
+    "fetch",
+    "storage",
+    "webhooks",
+    "worker",
+    "safety",
+    "runtime",
+    "server",
+)
 
 
 @dataclass(frozen=True)
@@ -636,8 +648,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "worker-image-error-echoes-data-uri",
         RUNNER_PY,
-        '"input": shown_text(url),',
-        '"input": url,',
+        '"input": shown_text(error.value),',
+        '"input": error.value,',
         "an input image that fails to load echoes its whole data URI in the result",
         HOSTILE,
         _node(QUEUE, "test_run_route_with_an_image_that_is_not_one"),
@@ -670,6 +682,35 @@ MUTANTS: tuple[Mutant, ...] = (
         "store.prune_records(now, BATCH)",
         "records are pruned as soon as their outputs expire, ignoring --record-retention",
         RETENTION,
+    ),
+    # -- safety/: the checker's threshold, blackout and opt-out ----------------------------------------------
+    M(
+        "safety-threshold-exclusive",
+        "kontextd/safety/checker.py",
+        "hit = score >= threshold",
+        "hit = score > threshold",
+        "an image scoring exactly its tolerance's threshold is let by",
+        _node("test_safety.py", "test_a_score_at_the_threshold_is_flagged_and_just_below_is_not"),
+    ),
+    M(
+        "safety-flagged-image-kept",
+        "kontextd/safety/checker.py",
+        "images.append(blacked_out(image) if hit else image)",
+        "images.append(image)",
+        "a flagged image is returned as made, only its flag set",
+        _node(
+            "test_safety.py",
+            "test_a_score_at_the_threshold_is_flagged_and_just_below_is_not",
+            "test_thresholds_at_0_black_out_every_image_of_the_same_size",
+        ),
+    ),
+    M(
+        "safety-dev-opt-out-ignored",
+        "kontextd/safety/checker.py",
+        "    if not job.enable_safety_checker:\n        return None\n",
+        "    if False:\n        return None\n",
+        "enable_safety_checker false on [dev] is checked anyway",
+        _node("test_safety.py", "test_enable_safety_checker_false_on_dev_is_not_checked"),
     ),
     # -- server start-up ------------------------------------------------------------------------------
     M(

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from kontextd.backends import COMPILE_MODES, DEFAULT_MODEL
 from kontextd.backends.memory import OFFLOAD_MODES, WEIGHTS
-from kontextd.config import SEVEN_DAYS, WEBHOOK_BACKOFF, Settings
+from kontextd.config import (
+    DEFAULT_LORA_CACHE_BYTES,
+    DEFAULT_LORA_MAX_BYTES,
+    SEVEN_DAYS,
+    WEBHOOK_BACKOFF,
+    Settings,
+)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -160,6 +166,25 @@ def _add_work_flags(add: Callable[..., object]) -> None:
         "comma-separated [KONTEXTD_FETCH_ALLOW]",
     )
     add(
+        "--lora-dir",
+        type=Path,
+        default=_env("LORA_DIR"),
+        help="a folder of LoRA .safetensors files that requests may name by file name [KONTEXTD_LORA_DIR]",
+    )
+    add(
+        "--lora-max-bytes",
+        type=int,
+        default=int(_env("LORA_MAX_BYTES", str(DEFAULT_LORA_MAX_BYTES))),
+        help="the largest LoRA file fetched from a URL [KONTEXTD_LORA_MAX_BYTES]",
+    )
+    add(
+        "--lora-cache-bytes",
+        type=int,
+        default=int(_env("LORA_CACHE_BYTES", str(DEFAULT_LORA_CACHE_BYTES))),
+        help="fetched LoRA files kept in <data dir>/loras; the least recently used go beyond this "
+        "[KONTEXTD_LORA_CACHE_BYTES]",
+    )
+    add(
         "--sweep-interval",
         type=float,
         default=float(_env("SWEEP_INTERVAL", "30")),
@@ -198,6 +223,14 @@ def _add_work_flags(add: Callable[..., object]) -> None:
         default=float(_env("TINY_STEP_SECONDS", "0")),
         help="pace the tiny model to at least this many seconds per step, like a GPU would "
         "(demos and tests of progress and cancel) [KONTEXTD_TINY_STEP_SECONDS]",
+    )
+    add(
+        "--no-safety-checker",
+        action="store_true",
+        default=_env_flag("NO_SAFETY_CHECKER"),
+        help="return the local model's images unchecked (logged as a warning: the FLUX.1 [dev] licence "
+        "requires filters or manual review of outputs); also [safety] enabled = false in --config "
+        "[KONTEXTD_NO_SAFETY_CHECKER]",
     )
     add(
         "--log-level",
@@ -283,6 +316,7 @@ def parse(argv: Sequence[str]) -> tuple[str, Settings]:
     if command == "serve":
         keys = args["api_keys"] or (_env("API_KEYS") or "").split(",")
         args["api_keys"] = tuple(key.strip() for key in keys if key.strip())
+    args["safety_checker"] = not args.pop("no_safety_checker")
     args["webhook_backoff"] = tuple(
         float(part) for part in args["webhook_backoff"].split(",") if part.strip()
     )

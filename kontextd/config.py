@@ -11,6 +11,9 @@ from kontextd.storage.urls import check_presign_endpoint
 
 SEVEN_DAYS = 7 * 24 * 3600.0
 # Ten tries over about two hours, as fal retries webhooks: the gaps between tries, in seconds.
+DEFAULT_LORA_MAX_BYTES = 2 * 1024**3  # a rank-128 FLUX LoRA is about 700 MB; a full fine-tune is no LoRA
+DEFAULT_LORA_CACHE_BYTES = 20 * 1024**3
+LORA_FETCH_SECONDS = 600.0  # a LoRA is fetched once, and may be large: the image fetch timeout is too short
 WEBHOOK_BACKOFF = (15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3300.0)
 
 
@@ -43,6 +46,9 @@ class Settings:
     fetch_allow: str = ""
     fetch_max_bytes: int = 20 * 1024 * 1024
     fetch_timeout: float = 20.0
+    lora_dir: Path | None = None  # LoRA files requests may name by file name
+    lora_max_bytes: int = DEFAULT_LORA_MAX_BYTES  # the largest LoRA fetched from a URL
+    lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES  # fetched LoRAs kept, least recently used evicted
     output_ttl: float = SEVEN_DAYS
     sweep_interval: float = 30.0
     lease_seconds: float = 60.0  # a running request's worker renews it every third of this
@@ -52,6 +58,7 @@ class Settings:
     sse_ping_interval: float = 10.0
     poll_cache: float = 1.0  # seconds a node may answer a status poll from memory (0: never)
     tiny_step_seconds: float = 0.0
+    safety_checker: bool = True  # False: --no-safety-checker (warned at start-up; see kontextd.safety)
     log_level: str = "info"
 
     @property
@@ -100,6 +107,10 @@ class Settings:
             raise ValueError(f"--poll-cache must be 0 or more seconds, not {self.poll_cache}")
         if len(self.webhook_backoff) < 1:
             raise ValueError("KONTEXTD_WEBHOOK_BACKOFF needs at least one delay")
+        if self.lora_max_bytes < 1 or self.lora_cache_bytes < 0:
+            raise ValueError("--lora-max-bytes must be 1 or more, --lora-cache-bytes 0 or more")
+        if self.lora_dir is not None and not self.lora_dir.is_dir():
+            raise ValueError(f"--lora-dir {self.lora_dir}: not a directory")
         if self.webhook_concurrency < 1:
             raise ValueError("--webhook-concurrency must be 1 or more")
         check_file_urls(self.file_urls)

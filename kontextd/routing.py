@@ -99,10 +99,12 @@ _BASE_URL_VARIABLES = {BFL: "KONTEXTD_BFL_BASE_URL", FAL: "KONTEXTD_FAL_BASE_URL
 
 def load_routing(config_file: Path | None, local_model: str, env: Mapping[str, str] | None = None) -> Routing:
     env = os.environ if env is None else env
-    config = _read_toml(config_file) if config_file is not None else {}
-    unknown = set(config) - {"routes", BFL, FAL}
+    config = read_toml(config_file) if config_file is not None else {}
+    unknown = set(config) - {"routes", BFL, FAL, "safety"}  # [safety]: kontextd.safety.config
     if unknown:
-        raise ConfigError(f"{config_file}: unknown section(s) {sorted(unknown)}; expected routes, bfl, fal")
+        raise ConfigError(
+            f"{config_file}: unknown section(s) {sorted(unknown)}; expected routes, bfl, fal, safety"
+        )
 
     explicit = _explicit_routes(config.get("routes", {}), config_file)
     wanted = {route.backend for route in explicit.values()} | ({BFL, FAL} & set(config))
@@ -147,7 +149,7 @@ def _default_model(route: Route, local_model: str) -> str:
     return local_model
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as file:
             return tomllib.load(file)

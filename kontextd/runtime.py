@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from PIL import Image
 
@@ -26,12 +26,16 @@ from kontextd.api.changes import ChangeFeed
 from kontextd.api.services import Readiness, Services
 from kontextd.backends import BackendUnavailable, load_backend
 from kontextd.backends.base import Backend
+from kontextd.backends.lora_files import LoraFiles
 from kontextd.backends.upstream import UpstreamBackend, build_upstream
-from kontextd.fetch.guard import FetchError
+from kontextd.config import LORA_FETCH_SECONDS
+from kontextd.fetch.addresses import AllowList
+from kontextd.fetch.guard import FetchError, FetchLimits, GuardedFetcher
 from kontextd.fetch.images import decode_image, load_image
 from kontextd.jobs.model import Release
 from kontextd.jobs.store import StoreUnavailable
 from kontextd.routing import LOCAL
+from kontextd.safety.checker import SafetyChecker, SafetyCheckerUnavailable, load_safety_checker
 from kontextd.webhooks.delivery import WebhookDispatcher
 from kontextd.worker.housekeeping import sweep_forever
 from kontextd.worker.runner import Worker
@@ -71,6 +75,7 @@ class Runtime:
         self._threads: list[threading.Thread] = []
         self._upstreams: list[UpstreamBackend] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: list[Callable[[], Awaitable[None]]] = []  # clients of parts started later
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -112,6 +117,8 @@ class Runtime:
             await asyncio.to_thread(self._hand_back_stuck)
             stop_listening()
             await services.fetcher.aclose()
+            for close in self._closing:
+                await close()
             for upstream in self._upstreams:
                 upstream.close()
 
@@ -156,7 +163,14 @@ class Runtime:
         if LOCAL not in lanes:
             services.readiness.ready(None)  # no local model to load: an API-only node, or all upstream
 
-    def _start_workers(self, lane: str, backend: Backend, count: int, first: int = 0) -> None:
+    def _start_workers(
+        self,
+        lane: str,
+        backend: Backend,
+        count: int,
+        first: int = 0,
+        safety: SafetyChecker | None = None,
+    ) -> None:
         services = self.services
         for index in range(first, first + count):
             worker = Worker(
@@ -169,6 +183,7 @@ class Runtime:
                 load_image=self._image_loader(),
                 notify=services.notify,
                 lease_seconds=services.settings.lease_seconds,
+                safety=safety,
             )
             services.workers.append(worker)
             thread = threading.Thread(
@@ -183,11 +198,20 @@ class Runtime:
         services = self.services
         started = time.perf_counter()
         plan = services.plan
+        try:  # first, and on the CPU: the local lane never serves an image it could not check
+            safety = load_safety_checker(services.safety)
+        except SafetyCheckerUnavailable as error:
+            services.readiness.fail(str(error))
+            log.error("safety checker unavailable", extra={"reason": str(error)})
+            return
         backends = []
+        loras = self._lora_files()  # one cache for every slot: a LoRA is fetched once per process
         for slot in plan.slots:
             where = f"{slot.device}: " if len(plan.slots) > 1 else ""  # which of several failed
             try:
-                backend = load_backend(plan, slot, tiny_step_seconds=services.settings.tiny_step_seconds)
+                backend = load_backend(
+                    plan, slot, tiny_step_seconds=services.settings.tiny_step_seconds, lora_files=loras
+                )
                 warming = time.perf_counter()
                 backend.warm_up()  # compilation and first-call costs, before any request
             except BackendUnavailable as error:
@@ -203,7 +227,7 @@ class Runtime:
             backends.append(backend)
         # Workers start only once every slot is warm, so no compilation runs beside a request.
         for index, backend in enumerate(backends):
-            self._start_workers(LOCAL, backend, 1, first=index)
+            self._start_workers(LOCAL, backend, 1, first=index, safety=safety)
         services.readiness.ready(backends[0].name)
         log.info(
             "ready",
@@ -213,6 +237,28 @@ class Runtime:
                 "backend": backends[0].name,
                 "load_seconds": round(time.perf_counter() - started, 2),
             },
+        )
+
+    def _lora_files(self) -> LoraFiles:
+        """Where LoRA files come from: URLs through the fetch guard (the same allow-list as images, the
+        LoRA size cap and a longer timeout), cached in the data directory."""
+        settings = self.services.settings
+        loop = self._loop
+        assert loop is not None
+        fetcher = GuardedFetcher(
+            AllowList.parse(settings.fetch_allow),
+            FetchLimits(max_bytes=settings.lora_max_bytes, timeout_seconds=LORA_FETCH_SECONDS),
+        )
+        self._closing.append(fetcher.aclose)
+
+        def fetch(url: str) -> bytes:
+            return asyncio.run_coroutine_threadsafe(fetcher.get(url), loop).result(LORA_FETCH_SECONDS * 2)
+
+        return LoraFiles(
+            settings.data_dir / "loras",
+            fetch=fetch,
+            lora_dir=settings.lora_dir,
+            cache_bytes=settings.lora_cache_bytes,
         )
 
     def _image_loader(self) -> Callable[[str], Image.Image]:

@@ -26,6 +26,7 @@ from kontextd.jobs.sqlite import DataDirInUse, SQLiteJobStore
 from kontextd.jobs.store import JobStore, StoreUnavailable
 from kontextd.routing import LOCAL, ConfigError, Routing, load_routing
 from kontextd.runtime import Runtime, recover_at_start
+from kontextd.safety.config import SafetyConfig, load_safety
 from kontextd.storage.factory import open_storage
 from kontextd.storage.s3 import StorageConfigError
 from kontextd.storage.urls import FileUrls
@@ -94,6 +95,13 @@ def _plan_and_routing(settings: Settings) -> tuple[BackendPlan, Routing]:
     return plan, routing
 
 
+def _safety(settings: Settings) -> SafetyConfig:
+    try:
+        return load_safety(settings.config_file, settings.safety_checker)
+    except ConfigError as error:
+        raise StartupError(str(error)) from error
+
+
 def _open_store(settings: Settings, data: DataDir) -> JobStore:
     try:
         if settings.store is None:
@@ -121,6 +129,7 @@ def build_services(settings: Settings) -> tuple[Services, DataDir]:
     """Everything one process (API node or worker) works with, after start-up recovery; StartupError
     says what keeps it from starting."""
     plan, routing = _plan_and_routing(settings)
+    safety = _safety(settings)
     data = DataDir(settings.data_dir.resolve())
     try:
         data.prepare(sqlite=settings.store is None)
@@ -148,6 +157,7 @@ def build_services(settings: Settings) -> tuple[Services, DataDir]:
             ),
             plan=plan,
             routing=routing,
+            safety=safety,
             instance_id=f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         )
         recover_at_start(services)

@@ -12,12 +12,14 @@ from typing import Any
 import httpx
 import schemathesis
 
-from kontextd.catalogue.schemas import HTTP_URL_PATTERN
+from kontextd.catalogue.schemas import HTTP_URL_PATTERN, LORA_PATH_PATTERN
 
 IMAGE = os.environ["CONTRACT_IMAGE_URL"]  # a PNG on a loopback server the kontextd under test may fetch
 INLINE_IMAGE = os.environ["CONTRACT_INLINE_IMAGE"]  # the same kind of PNG as a data URI
 WEBHOOK = os.environ["CONTRACT_WEBHOOK_URL"]  # a loopback receiver
 AUTHORIZATION = os.environ["CONTRACT_AUTHORIZATION"]
+LORA = os.environ["CONTRACT_LORA"]  # the name of a LoRA in the server's --lora-dir
+_LORA_PATH = re.compile(LORA_PATH_PATTERN)
 _HTTP_URL = re.compile(f"^{HTTP_URL_PATTERN}")
 _DATA_URI = re.compile(r"^data:[^,]{0,190};base64,")
 
@@ -26,13 +28,31 @@ _DATA_URI = re.compile(r"^data:[^,]{0,190};base64,")
 def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     # Only values the schema accepts are rewritten: invalid ones are refused at submit, never fetched, and
     # must reach the server as generated for the negative checks to mean anything.
-    if isinstance(case.body, dict) and isinstance(url := case.body.get("image_url"), str):
-        if _HTTP_URL.match(url):
-            case.body["image_url"] = IMAGE
-        elif _DATA_URI.match(url):
-            case.body["image_url"] = INLINE_IMAGE  # generated base64 is no image: decoding would fail
+    if isinstance(case.body, dict):
+        for name in ("image_url", "mask_url", "reference_image_url"):
+            if isinstance(url := case.body.get(name), str):
+                case.body[name] = _loopback(url)
+        if isinstance(urls := case.body.get("image_urls"), list):
+            case.body["image_urls"] = [_loopback(url) if isinstance(url, str) else url for url in urls]
+        for lora in case.body.get("loras") or []:
+            # A generated path would be fetched (a URL) or looked up (a repo id, offline) and be no LoRA
+            # file, so a valid request would end in a 422: valid ones name the server's own LoRA instead.
+            if (
+                isinstance(lora, dict)
+                and isinstance(path := lora.get("path"), str)
+                and _LORA_PATH.match(path)
+            ):
+                lora["path"] = LORA
     if case.query and isinstance(hook := case.query.get("fal_webhook"), str) and _HTTP_URL.match(hook):
         case.query["fal_webhook"] = WEBHOOK
+
+
+def _loopback(url: str) -> str:
+    if _HTTP_URL.match(url):
+        return IMAGE
+    if _DATA_URI.match(url):
+        return INLINE_IMAGE  # generated base64 is no image: decoding would fail
+    return url
 
 
 @schemathesis.hook

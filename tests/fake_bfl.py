@@ -36,6 +36,13 @@ SIZES = {
 }
 FIELDS = {"prompt", "input_image", "seed", "aspect_ratio", "output_format", "prompt_upsampling"}
 FIELDS |= {"safety_tolerance", "webhook_url", "webhook_secret"}
+IMAGE_FIELDS = (
+    "input_image",
+    "input_image_2",
+    "input_image_3",
+    "input_image_4",
+)  # BFL's multi-reference names
+FIELDS |= set(IMAGE_FIELDS)
 
 
 def seed_colour(seed: int) -> tuple[int, int, int]:
@@ -328,7 +335,10 @@ def _validate(body: Any) -> list[dict[str, Any]]:
             _valid_tolerance(body),
             "Input should be 0..6 (2 at most to edit)",
         ),
-        ("input_image", _valid_image, "Input should be an http(s) URL or base64 image data"),
+        *(
+            (name, _valid_image, "Input should be an http(s) URL or base64 image data")
+            for name in IMAGE_FIELDS
+        ),
     ]
     for name, valid, message in checks:
         if name in body and not valid(body[name]):

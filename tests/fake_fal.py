@@ -28,6 +28,8 @@ APP_IDS = (
     "fal-ai/flux-pro/kontext/max/text-to-image",
     "fal-ai/flux-pro/kontext/max",
     "fal-ai/flux-kontext/dev",
+    "fal-ai/flux-pro/kontext/multi",
+    "fal-ai/flux-pro/kontext/max/multi",
 )
 REQUEST_PATH = re.compile(r"^/([^/]+)/([^/]+)/requests/([^/]+)(/status|/cancel)?/?$")
 FILE_PATH = re.compile(r"^/files/([^/]+)/(\d+)\.(png|jpeg)$")

@@ -45,7 +45,7 @@ def scheduled() -> tuple[KontextPipelineBackend, Levels]:
 def job(level: str = "none", seed: int = 7, **fields: Any) -> GenerationJob:
     values: dict[str, Any] = {
         "prompt": "a lighthouse at dusk",
-        "image": None,
+        "images": (),
         "aspect_ratio": "1:1",
         "num_images": 1,
         "seed": seed,
@@ -95,7 +95,7 @@ def test_every_level_gives_images_of_the_right_size(scheduled: tuple[KontextPipe
     for level in ("none", "regular", "high"):
         wide = backend.generate(job(level, aspect_ratio="16:9", num_images=2), QuietProgress())
         assert [image.size for image in wide.images] == [(176, 96)] * 2  # 1392x752 shrunk like tiny does
-        edit = backend.generate(job(level, aspect_ratio=None, image=reference), QuietProgress())
+        edit = backend.generate(job(level, aspect_ratio=None, images=(reference,)), QuietProgress())
         assert [image.size for image in edit.images] == [(176, 96)]
 
 
@@ -210,6 +210,6 @@ def test_compiled_levels_compile_at_warm_up_only() -> None:
     reference = ImageInput("reference", lambda url: Image.new("RGB", (90, 160), (20, 200, 90)))
     for level in ("none", "regular", "high"):
         backend.generate(job(level, aspect_ratio="21:9", num_images=3), QuietProgress())
-        backend.generate(job(level, aspect_ratio=None, image=reference), QuietProgress())
+        backend.generate(job(level, aspect_ratio=None, images=(reference,)), QuietProgress())
     assert len(graphs) == 8  # other sizes, batches and edits reuse the warm-up's graphs
     assert pixels(backend, job("none")) == plain_call(7)

@@ -16,8 +16,11 @@ PRO_EDIT = "fal-ai/flux-pro/kontext"
 MAX_TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/max/text-to-image"
 MAX_EDIT = "fal-ai/flux-pro/kontext/max"
 DEV = "fal-ai/flux-kontext/dev"
+MULTI = "fal-ai/flux-pro/kontext/multi"
+MAX_MULTI = "fal-ai/flux-pro/kontext/max/multi"
 EDITS = (PRO_EDIT, MAX_EDIT, DEV)
-ALL_APPS = (TEXT_TO_IMAGE, PRO_EDIT, MAX_TEXT_TO_IMAGE, MAX_EDIT, DEV)
+MULTIS = (MULTI, MAX_MULTI)
+ALL_APPS = (TEXT_TO_IMAGE, PRO_EDIT, MAX_TEXT_TO_IMAGE, MAX_EDIT, DEV, MULTI, MAX_MULTI)
 
 ASPECT_RATIOS = ["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"]
 ASPECT_RATIO_CHOICES = "'21:9', '16:9', '4:3', '3:2', '1:1', '2:3', '3:4', '9:16' or '9:21'"
@@ -77,6 +80,8 @@ def valid_body(app_id: str, image_host: LoopbackServer) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": "a red square"}
     if app_id in EDITS:
         body["image_url"] = image_url(image_host)
+    if app_id in MULTIS:
+        body["image_urls"] = [image_url(image_host)]
     if app_id == MAX_EDIT:
         body["output_format"] = "jpeg"
     return body
@@ -288,7 +293,7 @@ def test_output_format_gif(client: httpx.Client, image_host: LoopbackServer, app
     }
 
 
-@pytest.mark.parametrize("app_id", [TEXT_TO_IMAGE, MAX_TEXT_TO_IMAGE, PRO_EDIT, MAX_EDIT])
+@pytest.mark.parametrize("app_id", [TEXT_TO_IMAGE, MAX_TEXT_TO_IMAGE, PRO_EDIT, MAX_EDIT, MULTI])
 def test_aspect_ratio_outside_the_enum(client: httpx.Client, image_host: LoopbackServer, app_id: str) -> None:
     body = valid_body(app_id, image_host) | {"aspect_ratio": "string"}
     assert only_error(submit(client, app_id, body)) == {
@@ -399,6 +404,39 @@ def test_edits_require_image_url(client: httpx.Client, image_host: LoopbackServe
         "msg": "Field required",
         "input": body,
     }
+
+
+@pytest.mark.parametrize("app_id", MULTIS)
+@pytest.mark.parametrize(
+    ("urls", "expected"),
+    [
+        (None, {"type": "missing", "loc": ["body", "image_urls"], "msg": "Field required"}),
+        ([], {"type": "too_short", "loc": ["body", "image_urls"]}),
+        (["u"] * 5, {"type": "too_long", "loc": ["body", "image_urls"]}),
+        ("https://a.example/x.png", {"type": "list_type", "loc": ["body", "image_urls"]}),
+        (["GOOD", "GOOD", "ftp://x"], {"type": "value_error", "loc": ["body", "image_urls", 2]}),
+        (["GOOD", 7], {"type": "string_type", "loc": ["body", "image_urls", 1]}),
+    ],
+)
+def test_image_urls_take_one_to_four_valid_urls(
+    client: httpx.Client, image_host: LoopbackServer, app_id: str, urls: Any, expected: dict[str, Any]
+) -> None:
+    body = valid_body(app_id, image_host)
+    if urls is None:
+        del body["image_urls"]
+    else:
+        body["image_urls"] = (
+            [image_url(image_host) if u == "GOOD" else u for u in urls] if isinstance(urls, list) else urls
+        )
+    error = only_error(submit(client, app_id, body))
+    assert {name: error[name] for name in expected} == expected, error
+
+
+def test_four_image_urls_are_accepted(client: httpx.Client, image_host: LoopbackServer) -> None:
+    body = valid_body(MULTI, image_host) | {"image_urls": [image_url(image_host)] * 4, "seed": 0}
+    response = submit(client, MULTI, body)
+    assert response.status_code == 200, response.text
+    assert cancel_and_wait(client, response.json())["status"] == "COMPLETED"
 
 
 @pytest.mark.parametrize("app_id", EDITS)
@@ -664,6 +702,8 @@ def test_openapi_request_schemas(openapi: dict[str, Any], app_id: str) -> None:
     expected_required = {"prompt"}
     if app_id in EDITS:
         expected_required.add("image_url")
+    if app_id in MULTIS:
+        expected_required.add("image_urls")
     if app_id == MAX_EDIT:
         expected_required.add("output_format")
     assert set(schema["required"]) == expected_required
@@ -688,6 +728,10 @@ def test_openapi_request_schemas(openapi: dict[str, Any], app_id: str) -> None:
         assert props["output_format"]["default"] == "jpeg"
     if app_id in EDITS:
         assert props["image_url"]["type"] == "string"
+    if app_id in MULTIS:
+        urls = props["image_urls"]
+        assert (urls["type"], urls["minItems"], urls["maxItems"]) == ("array", 1, 4)
+        assert urls["items"]["type"] == "string" and urls["items"]["pattern"]
 
     if app_id == DEV:
         steps = props["num_inference_steps"]
@@ -703,8 +747,8 @@ def test_openapi_request_schemas(openapi: dict[str, Any], app_id: str) -> None:
         assert enum_of(props["safety_tolerance"]) == ["1", "2", "3", "4", "5", "6"]
         assert props["safety_tolerance"]["default"] == "2"
         assert enum_of(props["aspect_ratio"]) == ASPECT_RATIOS
-        if app_id in EDITS:
-            assert props["aspect_ratio"].get("default") is None  # absent: follow the input image
+        if app_id in EDITS or app_id in MULTIS:
+            assert props["aspect_ratio"].get("default") is None  # absent: follow the (first) input image
         else:
             assert props["aspect_ratio"]["default"] == "1:1"
 

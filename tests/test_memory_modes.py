@@ -32,7 +32,7 @@ def test_fp8_weights_load_and_generate(saved_pipeline: Path) -> None:
     assert "--weights fp8 keeps a single transformer" in levels.skipped.values()
     job = GenerationJob(
         prompt="make it blue",
-        image=None,
+        images=(),
         aspect_ratio="1:1",
         num_images=1,
         seed=3,

@@ -15,7 +15,7 @@ def test_every_mutant_applies_exactly_once_compiles_and_names_existing_tests() -
 
 def test_the_set_covers_every_area_and_the_bugs_the_suite_once_missed() -> None:
     assert {mutant.area for mutant in MUTANTS} == set(AREAS)
-    assert 40 <= len(MUTANTS) <= 70
+    assert 40 <= len(MUTANTS) <= 75  # curated, so a full run stays within tens of minutes
     # Issue 8, item 15: planted bugs the suite missed before; each must stay in the set.
     once_missed = {
         "worker-seed-zero-is-no-seed",

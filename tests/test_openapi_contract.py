@@ -17,17 +17,21 @@ from pathlib import Path
 
 import pytest
 from conftest import KontextdServer, LoopbackServer, WebhookReceiver, png_bytes
+from lora_maker import make_lora
 
 KEY = "contract-key"
 HOOKS = Path(__file__).with_name("contract_hooks.py")
 CONFIG = Path(__file__).with_name("schemathesis.toml")
+LORA_NAME = "contract-lora"  # in the server's --lora-dir: every valid generated LoRA path is this one
 
 
 @pytest.fixture(scope="module")
 def contract_server(tmp_path_factory: pytest.TempPathFactory) -> KontextdServer:
-    server = KontextdServer(
-        tmp_path_factory.mktemp("contract"), args=["--api-key", KEY, "--webhook-backoff", "0.2"]
-    ).start()
+    root = tmp_path_factory.mktemp("contract")
+    (root / "loras").mkdir()
+    (root / "loras" / f"{LORA_NAME}.safetensors").write_bytes(make_lora(0))
+    args = ["--api-key", KEY, "--webhook-backoff", "0.2", "--lora-dir", str(root / "loras")]
+    server = KontextdServer(root / "data", args=args).start()
     yield server
     server.stop()
 
@@ -46,6 +50,7 @@ def test_every_operation_keeps_its_contract(
         "CONTRACT_INLINE_IMAGE": "data:image/png;base64," + base64.b64encode(png_bytes(24, 16)).decode(),
         "CONTRACT_WEBHOOK_URL": f"{webhook_receiver.url}/hook",
         "CONTRACT_AUTHORIZATION": f"Key {KEY}",
+        "CONTRACT_LORA": LORA_NAME,
     }
     command = [
         str(Path(sys.executable).with_name("st")),

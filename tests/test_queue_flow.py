@@ -27,6 +27,8 @@ TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/text-to-image"
 PRO_EDIT = "fal-ai/flux-pro/kontext"
 MAX_TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/max/text-to-image"
 MAX_EDIT = "fal-ai/flux-pro/kontext/max"
+MULTI = "fal-ai/flux-pro/kontext/multi"
+MAX_MULTI = "fal-ai/flux-pro/kontext/max/multi"
 DEV = "fal-ai/flux-kontext/dev"
 
 ENVELOPE_KEYS = {
@@ -195,13 +197,17 @@ def sizes(output: dict[str, Any]) -> list[tuple[int, int]]:
         (MAX_TEXT_TO_IMAGE, "fal-ai/flux-pro"),
         (MAX_EDIT, "fal-ai/flux-pro"),
         (DEV, "fal-ai/flux-kontext"),
+        (MULTI, "fal-ai/flux-pro"),
+        (MAX_MULTI, "fal-ai/flux-pro"),
     ],
 )
 def test_submit_envelope(
     fal: Fal, server: KontextdServer, image_host: LoopbackServer, app_id: str, prefix: str
 ) -> None:
     body: dict[str, Any] = {"prompt": "envelope"}
-    if app_id != TEXT_TO_IMAGE and not app_id.endswith("text-to-image"):
+    if app_id in (MULTI, MAX_MULTI):
+        body["image_urls"] = [f"{image_host.url}/square.png"]
+    elif not app_id.endswith("text-to-image"):
         body |= {"image_url": f"{image_host.url}/square.png", "output_format": "jpeg"}
     response = fal.submit_response(app_id, body)
     assert response.status_code == 200, response.text
@@ -373,7 +379,12 @@ def test_endpoints_lists_each_backend_and_its_readiness(fal: Fal) -> None:
         PRO_EDIT,
         MAX_TEXT_TO_IMAGE,
         MAX_EDIT,
+        MULTI,
+        MAX_MULTI,
         DEV,
+        "fal-ai/flux-kontext-lora",
+        "fal-ai/flux-kontext-lora/text-to-image",
+        "fal-ai/flux-kontext-lora/inpaint",
     ]
     for entry in listed:
         assert (entry["backend"], entry["model"]) == ("local", "kontextd/tiny-random-flux-kontext")
@@ -464,6 +475,59 @@ def test_edits_follow_the_input_image(fal: Fal, image_host: LoopbackServer) -> N
         assert sizes(output) == [expected], (app_id, fields)
         _, decoded = download(fal.client, output["images"][0]["url"])
         assert decoded.size == expected
+
+
+def test_multi_image_edits_follow_the_first_image(fal: Fal, image_host: LoopbackServer) -> None:
+    wide, tall, square = (f"{image_host.url}/{name}.png" for name in ("wide", "tall", "square"))
+    cases = [
+        (MULTI, [wide, tall], None, (176, 96)),  # the first is 320x180: landscape 16:9
+        (MAX_MULTI, [tall, wide, square, wide], None, (96, 176)),  # four, the first 90x160
+        (MULTI, [wide, tall], "1:1", (128, 128)),  # an aspect ratio given wins
+    ]
+    envelopes = [
+        fal.submit(
+            app, {"prompt": "combine", "seed": 4, "image_urls": urls} | ({"aspect_ratio": r} if r else {})
+        )
+        for app, urls, r, _ in cases
+    ]
+    for (app, urls, _, expected), envelope in zip(cases, envelopes, strict=True):
+        output = fal.output(envelope)
+        assert sizes(output) == [expected], (app, urls)
+
+
+def test_every_reference_image_counts_and_one_equals_the_edit_endpoint(
+    fal: Fal, image_host: LoopbackServer
+) -> None:
+    wide, tall, square = (f"{image_host.url}/{name}.png" for name in ("wide", "tall", "square"))
+    bodies = {
+        "edit": (PRO_EDIT, {"image_url": wide}),
+        "one": (MULTI, {"image_urls": [wide]}),
+        "two": (MULTI, {"image_urls": [wide, tall]}),
+        "other second": (MULTI, {"image_urls": [wide, square]}),
+        "two again": (MULTI, {"image_urls": [wide, tall]}),
+    }
+    envelopes = {
+        name: fal.submit(app, {"prompt": "combine", "seed": 0, "output_format": "png"} | body)
+        for name, (app, body) in bodies.items()
+    }
+    made = {
+        name: download(fal.client, fal.output(e)["images"][0]["url"])[0].content
+        for name, e in envelopes.items()
+    }
+    assert made["one"] == made["edit"]  # one reference is the single-image edit, byte for byte
+    assert made["two"] != made["one"]  # the second image is seen
+    assert made["other second"] != made["two"]  # and which one it is matters
+    assert made["two again"] == made["two"]  # the same references and seed reproduce the image
+
+
+def test_a_multi_image_input_that_fails_names_its_index(fal: Fal, image_host: LoopbackServer) -> None:
+    urls = [f"{image_host.url}/wide.png", f"{image_host.url}/not-an-image"]
+    response = fal.client.post(f"/run/{MULTI}", json={"prompt": "combine", "image_urls": urls})
+    assert response.status_code == 422
+    (detail,) = response.json()["detail"]
+    assert detail["type"] == "image_load_error"
+    assert detail["loc"] == ["body", "image_urls", 1]
+    assert detail["input"] == urls[1]
 
 
 def test_num_images(fal: Fal) -> None:

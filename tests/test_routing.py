@@ -11,10 +11,23 @@ from conftest import UPSTREAM_VARIABLES, free_port
 from kontextd.routing import ConfigError, Routing, Secret, load_routing
 
 LOCAL_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
-PRO_IDS = ("fal-ai/flux-pro/kontext/text-to-image", "fal-ai/flux-pro/kontext")
-MAX_IDS = ("fal-ai/flux-pro/kontext/max/text-to-image", "fal-ai/flux-pro/kontext/max")
+PRO_IDS = (
+    "fal-ai/flux-pro/kontext/text-to-image",
+    "fal-ai/flux-pro/kontext",
+    "fal-ai/flux-pro/kontext/multi",
+)
+MAX_IDS = (
+    "fal-ai/flux-pro/kontext/max/text-to-image",
+    "fal-ai/flux-pro/kontext/max",
+    "fal-ai/flux-pro/kontext/max/multi",
+)
 DEV_ID = "fal-ai/flux-kontext/dev"
-ALL_IDS = (*PRO_IDS, *MAX_IDS, DEV_ID)
+LORA_IDS = (
+    "fal-ai/flux-kontext-lora",
+    "fal-ai/flux-kontext-lora/text-to-image",
+    "fal-ai/flux-kontext-lora/inpaint",
+)
+ALL_IDS = (*PRO_IDS, *MAX_IDS, DEV_ID, *LORA_IDS)
 
 
 def routes_of(routing: Routing) -> dict[str, tuple[str, str]]:
@@ -38,7 +51,7 @@ def test_a_bfl_key_sends_pro_and_max_to_bfl_and_keeps_dev_local() -> None:
     routes = routes_of(routing)
     assert all(routes[app_id] == ("bfl", "flux-kontext-pro") for app_id in PRO_IDS)
     assert all(routes[app_id] == ("bfl", "flux-kontext-max") for app_id in MAX_IDS)
-    assert routes[DEV_ID] == ("local", LOCAL_MODEL)
+    assert all(routes[app_id] == ("local", LOCAL_MODEL) for app_id in (DEV_ID, *LORA_IDS))  # open weights
     bfl = routing.upstreams["bfl"]
     assert bfl.key.value == "bfl-secret" and bfl.base_url == "https://api.bfl.ai"
     assert (bfl.max_active, dict(bfl.max_active_per_model)) == (24, {"flux-kontext-max": 6})

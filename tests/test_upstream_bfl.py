@@ -45,6 +45,7 @@ TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/text-to-image"
 PRO_EDIT = "fal-ai/flux-pro/kontext"
 MAX_IDS = ("fal-ai/flux-pro/kontext/max/text-to-image", "fal-ai/flux-pro/kontext/max")
 DEV = "fal-ai/flux-kontext/dev"
+MULTI = "fal-ai/flux-pro/kontext/multi"
 
 
 class RecordingProgress:
@@ -141,7 +142,7 @@ def backend(make_backend: Callable[..., BflBackend]) -> BflBackend:
 def job(**changes: Any) -> GenerationJob:
     base = GenerationJob(
         prompt="a red fox in the snow",
-        image=None,
+        images=(),
         aspect_ratio="1:1",
         num_images=1,
         seed=7,
@@ -213,7 +214,8 @@ def test_an_edit_sends_a_data_uri_inline_caps_safety_and_follows_the_input(
     fake: FakeBfl, backend: BflBackend
 ) -> None:
     progress = RecordingProgress()
-    generated = backend.generate(job(image=data_uri_input(), aspect_ratio=None, safety_tolerance=5), progress)
+    edit = job(images=(data_uri_input(),), aspect_ratio=None, safety_tolerance=5)
+    generated = backend.generate(edit, progress)
 
     [submit] = fake.submits()
     assert "aspect_ratio" not in submit.body  # BFL follows the input image
@@ -229,7 +231,7 @@ def test_an_edit_of_a_loopback_url_is_sent_inline(
 ) -> None:
     url = f"{image_host.url}/tall.png"
     image = ImageInput(url, lambda u: Image.open(io.BytesIO(httpx.get(u).content)).convert("RGB"))
-    backend.generate(job(image=image, safety_tolerance=1), RecordingProgress())
+    backend.generate(job(images=(image,), safety_tolerance=1), RecordingProgress())
     [submit] = fake.submits()
     assert submit.body["input_image"] != url and submit.body["safety_tolerance"] == 1
     sent = Image.open(io.BytesIO(base64.b64decode(submit.body["input_image"], validate=True)))
@@ -249,8 +251,22 @@ def test_a_public_url_is_passed_through_and_private_ones_are_not() -> None:
         assert not upstream_can_fetch(private, OWN)
     assert not upstream_can_fetch("data:image/png;base64,AAAA", OWN)
 
-    body = bfl_input(job(image=ImageInput(public, never)), OWN, RecordingProgress())
+    body = bfl_input(job(images=(ImageInput(public, never),)), OWN, RecordingProgress())
     assert body["input_image"] == public
+
+
+def test_a_multi_image_edit_sends_each_image_under_bfls_names() -> None:
+    def never(url: str) -> Image.Image:
+        raise AssertionError("a URL BFL can fetch must not be downloaded here")
+
+    public = "https://images.example.com/cat.png"  # text only: nothing connects to it
+    images = (ImageInput(public, never), data_uri_input(90, 160), ImageInput(public + "?2", never))
+    body = bfl_input(job(images=images, safety_tolerance=4), OWN, RecordingProgress())
+    assert (body["input_image"], body["input_image_3"]) == (public, public + "?2")
+    sent = Image.open(io.BytesIO(base64.b64decode(body["input_image_2"], validate=True)))
+    assert sent.size == (90, 160)
+    assert "input_image_4" not in body
+    assert body["safety_tolerance"] == 2  # an edit, however many images
 
 
 def test_each_image_is_its_own_task_with_consecutive_seeds_run_at_once(
@@ -610,6 +626,21 @@ def test_e2e_an_edit_sends_the_data_uri_inline(api: httpx.Client, fake: FakeBfl)
         assert "aspect_ratio" not in task.body and task.body["safety_tolerance"] == 2
         sent = Image.open(io.BytesIO(base64.b64decode(task.body["input_image"])))
         assert sent.size == (320, 180)
+
+
+def test_e2e_a_multi_image_edit_reaches_bfl_with_every_image(api: httpx.Client, fake: FakeBfl) -> None:
+    body = {"prompt": "put them together", "image_urls": [data_uri(90, 160), data_uri(320, 180)]}
+    envelope = submit(api, MULTI, body)
+    wait_completed(api, envelope["status_url"], timeout=30)
+    result = api.get(envelope["response_url"])
+    assert result.status_code == 200, result.text
+    [task] = fake.accepted()
+    sizes = [
+        Image.open(io.BytesIO(base64.b64decode(task.body[name]))).size
+        for name in ("input_image", "input_image_2")
+    ]
+    assert sizes == [(90, 160), (320, 180)]  # in the client's order
+    assert (result.json()["images"][0]["width"], result.json()["images"][0]["height"]) == (752, 1392)
 
 
 def test_e2e_dev_stays_on_the_local_model(api: httpx.Client, fake: FakeBfl) -> None:

@@ -41,6 +41,8 @@ PRO_EDIT = "fal-ai/flux-pro/kontext"
 MAX_TEXT_TO_IMAGE = "fal-ai/flux-pro/kontext/max/text-to-image"
 MAX_EDIT = "fal-ai/flux-pro/kontext/max"
 DEV = "fal-ai/flux-kontext/dev"
+MULTI = "fal-ai/flux-pro/kontext/multi"
+MAX_MULTI = "fal-ai/flux-pro/kontext/max/multi"
 
 PRO_T2I_FIELDS = {
     "prompt",
@@ -58,6 +60,8 @@ EXPECTED_FIELDS = {
     MAX_TEXT_TO_IMAGE: PRO_T2I_FIELDS,
     PRO_EDIT: PRO_T2I_FIELDS - {"aspect_ratio"} | {"image_url"},  # aspect_ratio None: follow the image
     MAX_EDIT: PRO_T2I_FIELDS - {"aspect_ratio"} | {"image_url"},
+    MULTI: PRO_T2I_FIELDS - {"aspect_ratio"} | {"image_urls"},
+    MAX_MULTI: PRO_T2I_FIELDS - {"aspect_ratio"} | {"image_urls"},
     DEV: {
         "prompt",
         "seed",
@@ -68,9 +72,10 @@ EXPECTED_FIELDS = {
         "guidance_scale",
         "output_format",
         "acceleration",
+        "enable_safety_checker",
     },
 }
-EDITS = (PRO_EDIT, MAX_EDIT, DEV)
+EDITS = (PRO_EDIT, MAX_EDIT, DEV, MULTI, MAX_MULTI)
 GUIDANCE_422 = {
     "detail": [
         {
@@ -184,7 +189,7 @@ def red_image(url: str) -> Image.Image:
 def make_job(app_id: str, image: ImageInput | None = None, **changes: Any) -> GenerationJob:
     job = GenerationJob(
         prompt="a red fox in the snow",
-        image=image,
+        images=(image,) if image is not None else (),
         aspect_ratio=None if app_id in EDITS else "16:9",
         num_images=1,
         seed=42,
@@ -224,16 +229,25 @@ def test_body_has_only_the_apps_fields(fake: FakeFal, make_backend, app_id: str)
     if "safety_tolerance" in submit.body:
         assert submit.body["safety_tolerance"] == "2"  # fal's enum is strings
     if app_id in EDITS:  # a loopback image: fal cannot fetch it, so it travels inline
-        with Image.open(io.BytesIO(decode_data_uri(submit.body["image_url"]))) as sent:
+        sent_url = submit.body["image_urls"][0] if app_id in (MULTI, MAX_MULTI) else submit.body["image_url"]
+        with Image.open(io.BytesIO(decode_data_uri(sent_url))) as sent:
             assert sent.size == (40, 30) and sent.convert("RGB").getpixel((0, 0)) == (220, 20, 20)
 
 
 def test_dev_values_and_fixed_aspect_ratio(fake: FakeFal, make_backend) -> None:
-    job = make_job(DEV, loopback_image(), aspect_ratio="4:3", num_inference_steps=12, acceleration="high")
+    job = make_job(
+        DEV,
+        loopback_image(),
+        aspect_ratio="4:3",
+        num_inference_steps=12,
+        acceleration="high",
+        enable_safety_checker=False,
+    )
     make_backend().generate(job, Recorder())
 
     body = fake.submitted()[0].body
     assert body["num_inference_steps"] == 12 and body["acceleration"] == "high"
+    assert body["enable_safety_checker"] is False  # fal's own checker, as the client asked
     assert body["resolution_mode"] == "4:3"  # [dev]'s name for a fixed aspect ratio
 
 
@@ -249,6 +263,19 @@ def test_reachable_image_url_passed_as_is(fake: FakeFal, make_backend) -> None:
     url = "https://images.example.com/cat.png"  # only handed to the fake as text, never connected to
     make_backend().generate(make_job(MAX_EDIT, ImageInput(url, never_load)), Recorder())
     assert fake.submitted()[0].body["image_url"] == url
+
+
+def test_multi_image_urls_are_sent_in_order(fake: FakeFal, make_backend) -> None:
+    def never_load(url: str) -> Image.Image:
+        raise AssertionError("a URL fal can fetch itself must not be downloaded here")
+
+    public = ["https://images.example.com/a.png", "https://images.example.com/b.png"]  # text only
+    images = (ImageInput(public[0], never_load), loopback_image(), ImageInput(public[1], never_load))
+    make_backend().generate(dataclasses.replace(make_job(MAX_MULTI), images=images), Recorder())
+    sent = fake.submitted()[0].body["image_urls"]
+    assert (sent[0], sent[2]) == (public[0], public[1])
+    with Image.open(io.BytesIO(decode_data_uri(sent[1]))) as inline:  # loopback: fal cannot fetch it
+        assert inline.size == (40, 30)
 
 
 def test_data_uri_image_sent_inline(fake: FakeFal, make_backend) -> None:

@@ -9,6 +9,7 @@ from kontextd.config import Settings
 from kontextd.fetch.guard import GuardedFetcher
 from kontextd.jobs.store import JobStore
 from kontextd.routing import Routing
+from kontextd.safety.config import SafetyConfig
 from kontextd.storage.base import Storage
 from kontextd.storage.urls import FileUrls
 from kontextd.webhooks.signing import WebhookSigner
@@ -44,6 +45,7 @@ class Services:
     fetcher: GuardedFetcher
     plan: BackendPlan
     routing: Routing
+    safety: SafetyConfig = field(default_factory=SafetyConfig)  # the local lane's checker
     readiness: Readiness = field(default_factory=Readiness)  # the local model's
     lanes: dict[str, Readiness] = field(default_factory=dict)  # every backend in use, "local" included
     instance_id: str = "kontextd"  # prefixes worker ids so leases name the process that holds them

@@ -16,6 +16,7 @@ from kontextd.backends.errors import BackendUnavailable
 from kontextd.backends.memory import MemoryPlan, estimate_sizes, free_bytes, plan_memory
 
 if TYPE_CHECKING:
+    from kontextd.backends.lora_files import LoraFiles
     from kontextd.backends.pipeline import KontextPipelineBackend
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -163,7 +164,7 @@ def plan_backend(
 
 
 def load_backend(
-    plan: BackendPlan, slot: Slot, *, tiny_step_seconds: float = 0.0
+    plan: BackendPlan, slot: Slot, *, tiny_step_seconds: float = 0.0, lora_files: "LoraFiles | None" = None
 ) -> "KontextPipelineBackend":
     """Build the pipeline of one slot, on its device, with every acceleration level prepared."""
     import torch
@@ -188,6 +189,7 @@ def load_backend(
                 resolution_divisor=TINY_RESOLUTION_SCALE,
                 min_step_seconds=tiny_step_seconds,
                 levels=levels,
+                lora_files=lora_files,
             )
         from kontextd.backends.placement import place
         from kontextd.backends.weights import compute_dtype, load_pretrained
@@ -196,4 +198,6 @@ def load_backend(
         pipeline = load_pretrained(plan.model, compute_dtype(slot.device))
         place(pipeline, slot.device, slot.memory, plan.weights)
         levels = build_levels(pipeline, slot.device, slot.memory, weights=plan.weights, compile=plan.compile)
-        return KontextPipelineBackend(pipeline, name="diffusers", served_by=plan.model, levels=levels)
+        return KontextPipelineBackend(
+            pipeline, name="diffusers", served_by=plan.model, levels=levels, lora_files=lora_files
+        )

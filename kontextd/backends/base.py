@@ -7,6 +7,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from kontextd.fetch.guard import FetchError
+
 
 class GenerationCancelled(Exception):
     """Raised from a step callback to stop a generation between denoising steps."""
@@ -27,24 +29,59 @@ class GenerationRefused(Exception):
         self.status_code = status_code
 
 
+Field = tuple[str | int, ...]  # where a value sits in the request body: ("image_urls", 1)
+
+
+class InputUnusable(Exception):
+    """A field of the request turned out unusable when the backend came to it (an image that cannot be
+    fetched or decoded, a LoRA file that is no LoRA): where it sits, its value as the client gave it, and
+    fal's error type and message, which the client reads in a 422 like any refused input."""
+
+    def __init__(
+        self, field: Field, value: str, error_type: str, message: str, ctx: dict | None = None
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+        self.error_type = error_type
+        self.message = message
+        self.ctx = ctx or {}
+
+
 class ImageInput:
-    """The image to edit: its URL as the client gave it, decoded only when a backend asks for pixels.
+    """An image to edit: its URL as the client gave it, decoded only when a backend asks for pixels.
 
     Upstream backends may hand a reachable URL on without downloading it; local ones call `load()`.
+    `field` is where the URL sits in the request, for the error a client reads when it cannot be had.
     """
 
-    def __init__(self, url: str, loader: Callable[[str], Image.Image]) -> None:
+    def __init__(self, url: str, loader: Callable[[str], Image.Image], field: Field = ("image_url",)) -> None:
         self.url = url
+        self.field = field
         self._loader = loader
         self._image: Image.Image | None = None
         self._lock = threading.Lock()
 
     def load(self) -> Image.Image:
-        """The decoded RGB image (fetched once); raises FetchError when it cannot be had."""
+        """The decoded RGB image (fetched once); raises InputUnusable when it cannot be had."""
         with self._lock:
             if self._image is None:
-                self._image = self._loader(self.url)
+                try:
+                    self._image = self._loader(self.url)
+                except FetchError as error:
+                    raise InputUnusable(
+                        self.field, self.url, error.error_type, error.message, error.ctx
+                    ) from error
             return self._image
+
+
+@dataclass(frozen=True)
+class LoraWeight:
+    """One LoRA a request asks for: `path` as the client gave it (a URL, a Hugging Face repo id or a name
+    in the operator's LoRA directory), with the weight of its effect."""
+
+    path: str
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +90,8 @@ class GenerationJob:
     through: built once from the validated input by `kontextd.catalogue.endpoints.generation_job`."""
 
     prompt: str
-    image: ImageInput | None  # the image to edit; None for text-to-image
+    # The images to edit, in the client's order (the output follows the first); none for text-to-image.
+    images: tuple[ImageInput, ...]
     aspect_ratio: (
         str | None
     )  # as asked; None: follow the input image (edits) — text-to-image always names one
@@ -64,9 +102,15 @@ class GenerationJob:
     output_format: str  # "jpeg" or "png"
     sync_mode: bool = False  # the output as data URIs rather than stored files
     safety_tolerance: int | None = None  # 1 (strict) .. 6; None where the endpoint has no such field
+    enable_safety_checker: bool = True  # [dev]'s field; every other endpoint is always checked
     enhance_prompt: bool = False
     acceleration: str = "none"
     model: str | None = None  # the routed model, for backends serving several (upstream APIs)
+    loras: tuple[LoraWeight, ...] = ()  # applied together, each at its scale; none: the base model
+    # Inpainting: repaint images[0] where the mask is white (images[1], when given, is the reference to
+    # take the new content from), keeping `strength` of the noise there (1: all new).
+    mask: ImageInput | None = None
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)

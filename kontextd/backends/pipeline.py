@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import torch
-from diffusers import FluxKontextPipeline
+from diffusers import FluxKontextInpaintPipeline, FluxKontextPipeline
 from PIL import Image
 
 from kontextd.backends.acceleration import Levels
@@ -14,11 +14,15 @@ from kontextd.backends.base import (
     Generated,
     GenerationJob,
     GenerationOutOfMemory,
+    GenerationRefused,
     ImageInput,
     Progress,
     QuietProgress,
 )
 from kontextd.backends.errors import BackendUnavailable
+from kontextd.backends.lora_adapters import LoraAdapters
+from kontextd.backends.lora_files import LoraFiles
+from kontextd.backends.references import reference_image
 from kontextd.catalogue.resolutions import output_size, scaled
 
 log = logging.getLogger("kontextd.backends")
@@ -36,10 +40,14 @@ class KontextPipelineBackend:
         resolution_divisor: int = 1,
         min_step_seconds: float = 0.0,
         levels: Levels | None = None,
+        lora_files: LoraFiles | None = None,
     ) -> None:
         self.name = name
         self.served_by = served_by
         self.levels = levels or Levels.single(pipeline)
+        # LoRAs go on the exact transformer, which every level without a copy of its own shares.
+        self._adapters = LoraAdapters(self.levels.pipelines["none"], lora_files) if lora_files else None
+        self._inpainters: dict[int, FluxKontextInpaintPipeline] = {}
         self._resolution_divisor = resolution_divisor
         self._min_step_seconds = min_step_seconds
         self._multiple = pipeline.vae_scale_factor * 2  # latents are packed 2x2
@@ -59,12 +67,12 @@ class KontextPipelineBackend:
         On a CPU with nothing compiled there are none: one call checks the path."""
         thorough = self.device.type == "cuda" or self.levels.compiled
         size = self.output_size((1024, 1024))
-        reference = ImageInput("warm-up", lambda url: Image.new("RGB", size, (128, 128, 128)))
+        reference = (ImageInput("warm-up", lambda url: Image.new("RGB", size, (128, 128, 128))),)
         for level in self.levels.distinct() if thorough else ["none"]:
-            for image, count in ((None, 1), (reference, 2)) if thorough else ((None, 1),):
+            for images, count in (((), 1), (reference, 2)) if thorough else (((), 1),):
                 job = GenerationJob(
                     prompt="warm-up",
-                    image=image,
+                    images=images,
                     aspect_ratio="1:1",
                     num_images=count,
                     seed=0,
@@ -89,12 +97,8 @@ class KontextPipelineBackend:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def generate(self, job: GenerationJob, progress: Progress) -> Generated:
-        source = job.image.load() if job.image is not None else None
-        width, height = self.output_size(output_size(job.aspect_ratio, source.size if source else None))
-        image = None
-        if source is not None:
-            # We choose the size from the table ourselves, so the pipeline must not resize again.
-            image = source.resize((width, height), Image.Resampling.LANCZOS)
+        width, height = self.output_size(output_size(job.aspect_ratio, self._first_size(job)))
+        inputs = self._image_inputs(job, (width, height))
         step_started = time.perf_counter()
 
         def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -106,13 +110,17 @@ class KontextPipelineBackend:
             step_started = time.perf_counter()
             return tensors
 
-        with self._on_device(), self.levels.run(job.acceleration) as pipeline:
+        # LoRAs take the exact transformer: the fast one's fp8 and fused layers take no adapters.
+        level = "none" if job.loras else job.acceleration
+        with self._on_device(), self.levels.run(level) as pipeline:
+            self._use_loras(job)
+            call = self._inpainting(pipeline) if job.mask is not None else pipeline
             generator = torch.Generator(device=self.device).manual_seed(job.seed)  # 0 .. 2**32-1
             started = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    result = pipeline(
-                        image=image,
+                    result = call(
+                        **inputs,
                         prompt=job.prompt,
                         height=height,
                         width=width,
@@ -139,6 +147,43 @@ class KontextPipelineBackend:
             inference_seconds=time.perf_counter() - started,
             served_by=self.served_by,
         )
+
+    def _first_size(self, job: GenerationJob) -> tuple[int, int] | None:
+        """The size of the image the output follows (the first given), fetched now if not yet."""
+        return job.images[0].load().size if job.images else None
+
+    def _image_inputs(self, job: GenerationJob, size: tuple[int, int]) -> dict[str, Any]:
+        """The pipeline's image arguments, sized by us (the output from the table), so the pipeline must
+        not resize again: the references for an edit, or what inpainting repaints, after what, where."""
+        sources = [each.load() for each in job.images]
+        if job.mask is None:
+            return {"image": reference_image(sources, size, self._multiple) if sources else None}
+        image, *reference = sources
+        inputs: dict[str, Any] = {
+            "image": image.resize(size, Image.Resampling.LANCZOS),
+            "mask_image": job.mask.load().convert("L").resize(size, Image.Resampling.LANCZOS),
+            "strength": job.strength,
+        }
+        if reference:  # at its own nearest table size: its shape need not be the image's
+            own = self.output_size(output_size(None, reference[0].size))
+            inputs["image_reference"] = reference[0].resize(own, Image.Resampling.LANCZOS)
+        return inputs
+
+    def _use_loras(self, job: GenerationJob) -> None:
+        if self._adapters is not None:
+            self._adapters.use(job.loras)
+        elif job.loras:
+            raise GenerationRefused("This backend takes no LoRAs", "lora_load_error", 422)
+
+    def _inpainting(self, pipeline: FluxKontextPipeline) -> FluxKontextInpaintPipeline:
+        """The inpainting pipeline over `pipeline`'s own modules (no copy: adapters and compiled blocks
+        are shared), made once per level's pipeline."""
+        made = self._inpainters.get(id(pipeline))
+        if made is None:
+            made = FluxKontextInpaintPipeline(**pipeline.components)
+            made.set_progress_bar_config(disable=True)
+            self._inpainters[id(pipeline)] = made
+        return made
 
     def _recover(self, pipeline: FluxKontextPipeline) -> None:
         """What an interrupted call skipped: offloaded components back to the host, cache hooks reset."""

@@ -177,8 +177,10 @@ class _ProFields(_KontextInput):
     )
     safety_tolerance: SafetyTolerance = Field(
         "2",
-        description="The safety tolerance level for the generated image. "
-        "1 is the most strict, 6 the most permissive.",
+        description="The safety tolerance level for the generated image: 1 is the most strict, 6 the most "
+        "permissive. Sent on to BFL or fal where they serve the endpoint; on the local model, the score at "
+        "which the server's safety checker flags an image (a flagged image comes back black, marked in "
+        "has_nsfw_concepts). No level turns the checker off.",
     )
     output_format: OutputFormat = Field("jpeg", description="The format of the generated image.")
     enhance_prompt: bool = Field(False, description="Whether to enhance the prompt for better results.")
@@ -228,24 +230,35 @@ class ProEditInput(_ShapedByImageSize):
     _image_url = field_validator("image_url")(_check_image_url)
 
 
+MAX_REFERENCE_IMAGES = 4  # BFL takes input_image … input_image_4; fal documents no maximum
+
+ImageUrls = Annotated[
+    list[Annotated[ImageUrl, AfterValidator(_check_image_url)]],
+    Field(
+        min_length=1,
+        max_length=MAX_REFERENCE_IMAGES,
+        description=f"The images to edit together (1 to {MAX_REFERENCE_IMAGES}): https/http URLs or data: "
+        "URIs, each at most 14142 pixels a side. The output follows the first unless aspect_ratio is given.",
+        examples=[[EXAMPLE_IMAGE, EXAMPLE_IMAGE]],
+    ),
+]
+
+
+class ProMultiEditInput(_ShapedByImageSize):
+    image_urls: ImageUrls
+    aspect_ratio: AspectRatio | None = Field(
+        None, description="The aspect ratio of the generated image. Absent: follow the first input image."
+    )
+
+
 class MaxEditInput(ProEditInput):
     # Seed 003 lists output_format as required for this endpoint.
     output_format: OutputFormat = Field(..., description="The format of the generated image: jpeg or png.")
 
 
-class DevEditInput(_KontextInput):
-    image_url: ImageUrl
-    num_inference_steps: Annotated[int, Integer] = Field(
-        28, ge=10, le=50, description="The number of denoising steps (10 to 50)."
-    )
-    guidance_scale: float = Field(
-        2.5, ge=1, le=20, description="Classifier-free guidance: how closely the image follows the prompt."
-    )
-    enable_safety_checker: bool = Field(True, description="If set to true, the safety checker is enabled.")
-    output_format: OutputFormat = Field("jpeg", description="The format of the generated image.")
-    acceleration: Acceleration = Field(
-        "none", description="The speed of the generation: none (exact), regular or high (faster, lossy)."
-    )
+class _ResolutionModes(_KontextInput):
+    """[dev]'s way of choosing the output's shape, also the LoRA edit endpoint's."""
+
     resolution_mode: ResolutionMode = Field(
         "match_input",
         description="Output resolution: match_input follows the input image, auto lets the model choose, "
@@ -254,12 +267,128 @@ class DevEditInput(_KontextInput):
     image_size: ImageSize = None
 
     @model_validator(mode="after")
-    def _resolution_from_image_size(self) -> "DevEditInput":
+    def _resolution_from_image_size(self) -> "_ResolutionModes":
         if self.image_size is not None and "resolution_mode" not in self.model_fields_set:
             self.resolution_mode = nearest_ratio(self.image_size, RESOLUTION_RATIOS)  # type: ignore[assignment]
         return self
 
+
+class DevEditInput(_ResolutionModes):
+    image_url: ImageUrl
+    num_inference_steps: Annotated[int, Integer] = Field(
+        28, ge=10, le=50, description="The number of denoising steps (10 to 50)."
+    )
+    guidance_scale: float = Field(
+        2.5, ge=1, le=20, description="Classifier-free guidance: how closely the image follows the prompt."
+    )
+    enable_safety_checker: bool = Field(
+        True,
+        description="If true, each image is checked by the safety checker (at safety tolerance 2): a flagged "
+        "image comes back black, of the same size, marked in has_nsfw_concepts. False: returned unchecked.",
+    )
+    output_format: OutputFormat = Field("jpeg", description="The format of the generated image.")
+    acceleration: Acceleration = Field(
+        "none", description="The speed of the generation: none (exact), regular or high (faster, lossy)."
+    )
     _image_url = field_validator("image_url")(_check_image_url)
+
+
+MAX_LORAS = 4  # applied together in one call: each adds its weights' work to every step
+LORA_SCALE_MAX = 4.0
+# What `path` of a LoRA takes besides an http(s) URL: a Hugging Face repo id ("owner/name"), or the name of
+# a file in the operator's --lora-dir. Neither grammar has room for a dot segment or a second separator,
+# so a name can never reach outside that directory.
+HF_REPO_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}"
+LORA_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+LORA_PATH_PATTERN = rf"^({HTTP_URL_PATTERN}|{HF_REPO_PATTERN}$|{LORA_NAME_PATTERN}$)"
+_LORA_PATH = re.compile(LORA_PATH_PATTERN)
+
+
+def _check_lora_path(value: str) -> str:
+    if len(value) > URL_MAX_CHARS:
+        raise PydanticCustomError(
+            "string_too_long", "LoRA path longer than {max_length} characters", {"max_length": URL_MAX_CHARS}
+        )
+    if _LORA_PATH.match(value) is None:
+        raise PydanticCustomError(
+            "value_error",
+            "must be an https:// or http:// URL of a .safetensors file, a Hugging Face repo id (owner/name) "
+            "or the name of a LoRA in the server's LoRA directory",
+        )
+    return value
+
+
+class LoraWeightInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    path: Annotated[str, AfterValidator(_check_lora_path)] = Field(
+        description="The LoRA: an https/http URL of a .safetensors file, a Hugging Face repo id "
+        "(owner/name), or the name of a file in the server's --lora-dir.",
+        examples=["my-style"],
+        json_schema_extra={"pattern": LORA_PATH_PATTERN},
+    )
+    scale: float = Field(
+        1.0, ge=0, le=LORA_SCALE_MAX, description=f"How strongly it applies (0 to {LORA_SCALE_MAX:g})."
+    )
+
+
+Loras = Annotated[
+    list[LoraWeightInput],
+    Field(
+        max_length=MAX_LORAS,
+        description=f"LoRAs to apply together, each at its scale (at most {MAX_LORAS}). None: the base "
+        "model, exactly as fal-ai/flux-kontext/dev.",
+    ),
+]
+
+
+class _LoraFields(_KontextInput):
+    """fal's flux-kontext-lora fields, shared by its edit, text-to-image and inpaint endpoints."""
+
+    loras: Loras = []
+    num_inference_steps: Annotated[int, Integer] = Field(
+        30, ge=10, le=50, description="The number of denoising steps (10 to 50)."
+    )
+    guidance_scale: float = Field(
+        2.5, ge=0, le=20, description="Classifier-free guidance: how closely the image follows the prompt."
+    )
+    enable_safety_checker: bool = DevEditInput.model_fields["enable_safety_checker"]
+    output_format: OutputFormat = Field("png", description="The format of the generated image.")
+    acceleration: Acceleration = Field(
+        "none",
+        description="The speed of the generation: none (exact), regular or high (faster, lossy). A request "
+        "with LoRAs runs on the exact transformer whatever it asks (fp8 and fused layers take no LoRA).",
+    )
+
+
+class LoraEditInput(_LoraFields, _ResolutionModes):
+    image_url: ImageUrl
+
+    _image_url = field_validator("image_url")(_check_image_url)
+
+
+class LoraTextToImageInput(_LoraFields):
+    image_size: ImageSizePreset | ImageDimensions = Field(
+        "landscape_4_3",
+        description="The shape of the image: a preset or {width, height}, made at the nearest Kontext size "
+        "(about one megapixel, the sizes the model was trained at).",
+    )
+
+
+class LoraInpaintInput(_LoraFields):
+    image_url: ImageUrl = Field(description="The image to repaint: an https/http URL or a data: URI.")
+    mask_url: ImageUrl = Field(
+        description="The mask: white where the image is repainted, black where it is kept. Scaled to the "
+        "image's size.",
+    )
+    reference_image_url: ImageUrl = Field(
+        description="The reference whose content is painted into the masked area: a URL or a data: URI."
+    )
+    strength: float = Field(
+        0.88, gt=0, le=1, description="How much of the masked area is made anew (above 0 to 1)."
+    )
+
+    _image_urls = field_validator("image_url", "mask_url", "reference_image_url")(_check_image_url)
 
 
 class Image(BaseModel):
@@ -273,7 +402,10 @@ class KontextOutput(BaseModel):
     images: list[Image] = Field(description="The generated images.")
     timings: dict[str, float] = Field(description="Seconds spent per stage, e.g. inference.")
     seed: int = Field(description="The seed used; the same seed and inputs reproduce these images.")
-    has_nsfw_concepts: list[bool] = Field(description="Whether each image was flagged by the safety checker.")
+    has_nsfw_concepts: list[bool] = Field(
+        description="Per image, in order: whether the safety checker (the provider's for BFL or fal, else "
+        "this server's) flagged it; a flagged image is black, of the same size."
+    )
     prompt: str = Field(description="The prompt used for generating the images.")
 
 

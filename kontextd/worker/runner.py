@@ -15,13 +15,14 @@ from kontextd.backends.base import (
     GenerationJob,
     GenerationOutOfMemory,
     GenerationRefused,
+    InputUnusable,
 )
 from kontextd.catalogue.endpoints import BY_APP_ID, generation_job
-from kontextd.fetch.guard import FetchError
 from kontextd.jobs import outcomes
 from kontextd.jobs.lifecycle import MAX_STORAGE_FAILURES
 from kontextd.jobs.model import Job, Outcome, Release, State
 from kontextd.jobs.store import JobStore, StoreUnavailable
+from kontextd.safety.checker import SafetyChecker, tolerance_of
 from kontextd.shown import shown_text
 from kontextd.storage.base import Storage, StorageUnavailable
 from kontextd.storage.keys import output_key
@@ -51,6 +52,7 @@ class Worker:
         load_image: ImageLoader,
         notify: Callable[[str], None],
         lease_seconds: float = 60.0,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._store = store
@@ -61,6 +63,7 @@ class Worker:
         self._load_image = load_image
         self._notify = notify
         self._lease_seconds = lease_seconds
+        self._safety = safety  # local lanes' images are checked; None: upstream lanes, or turned off
         self.wake = threading.Event()  # set on submit so an idle worker starts at once
         self._stop = threading.Event()  # the server is stopping: running requests are handed back
         self._storage_failures = 0  # in a row, on this worker: how long to pause before the next claim
@@ -147,8 +150,8 @@ class Worker:
             outcome = outcomes.internal_error(str(error))
         except GenerationRefused as error:
             outcome = outcomes.refused(error.message, error.error_type, error.status_code)
-        except FetchError as error:  # the input image, fetched when the backend first needed it
-            outcome = _image_error(error, job.input.get("image_url", ""))
+        except InputUnusable as error:  # an input image or LoRA, fetched when the backend first needed it
+            outcome = _unusable_input(error)
         except Exception as error:  # one bad request must not take the worker down
             log.exception("request failed", extra={"request_id": job.request_id})
             outcome = outcomes.internal_error(f"Generation failed: {type(error).__name__}: {error}")
@@ -187,7 +190,35 @@ class Worker:
             model=self._models(job.app_id) or None,
         )
         generated = self._backend.generate(generation, RequestProgress(self, job))
-        return self._store_images(job, generation, generated)
+        return self._store_images(job, generation, self._screened(job.request_id, generation, generated))
+
+    def _screened(self, request_id: str, generation: GenerationJob, generated: Generated) -> Generated:
+        """The images as the safety checker lets them out: flagged ones black, marked in has_nsfw_concepts.
+        On the CPU after the decode, before encoding; a checker that fails fails the request, never
+        returning an image unchecked."""
+        tolerance = tolerance_of(generation)
+        if self._safety is None or tolerance is None:
+            return generated
+        screening = self._safety.screen(generated, tolerance)
+        log.info(
+            "safety checked",
+            extra={
+                "request_id": request_id,
+                "tolerance": tolerance,
+                "threshold": screening.threshold,
+                "scores": [None if score is None else round(score, 4) for score in screening.scores],
+                "flagged": screening.flagged,
+                "seconds": round(screening.seconds, 3),
+            },
+        )
+        if screening.flagged:
+            self._log(
+                request_id,
+                f"{screening.flagged} of {len(screening.scores)} image(s) withheld by the safety checker "
+                "(black, flagged in has_nsfw_concepts)",
+                "WARN",
+            )
+        return screening.generated
 
     def _load_image_logged(self, request_id: str) -> ImageLoader:
         def load(url: str) -> Image.Image:
@@ -356,13 +387,13 @@ class RequestProgress:
         return self._resumed.get(name)
 
 
-def _image_error(error: FetchError, url: str) -> Outcome:
+def _unusable_input(error: InputUnusable) -> Outcome:
     # Shown as the API shows a refused input: a data URI by its header and length, never its bytes.
     detail = {
-        "loc": ["body", "image_url"],
+        "loc": ["body", *error.field],
         "msg": error.message,
         "type": error.error_type,
-        "input": shown_text(url),
+        "input": shown_text(error.value),
     }
     if error.ctx:
         detail["ctx"] = error.ctx

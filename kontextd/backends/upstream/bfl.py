@@ -356,15 +356,16 @@ def bfl_input(job: GenerationJob, own_base_url: str, progress: Progress) -> dict
     }
     if job.aspect_ratio is not None:  # absent: BFL follows the input image
         body["aspect_ratio"] = job.aspect_ratio
-    if job.image is not None:
-        url, data = image_reference(job.image, own_base_url)
+    for index, image in enumerate(job.images):
+        name = "input_image" if index == 0 else f"input_image_{index + 1}"  # BFL's names, up to _4
+        url, data = image_reference(image, own_base_url)
         if url is not None:
-            body["input_image"] = url
-            progress.log("BFL fetches the input image from its URL")
+            body[name] = url
+            progress.log(f"BFL fetches {name} from its URL")
         else:
             assert data is not None
-            body["input_image"] = base64_png(data)
-            progress.log("Sending the input image to BFL inline (base64 PNG)")
+            body[name] = base64_png(data)
+            progress.log(f"Sending {name} to BFL inline (base64 PNG)")
     if job.safety_tolerance is not None:
         body["safety_tolerance"] = _safety_tolerance(job, progress)
     return body
@@ -372,7 +373,7 @@ def bfl_input(job: GenerationJob, own_base_url: str, progress: Progress) -> dict
 
 def _safety_tolerance(job: GenerationJob, progress: Progress) -> int:
     assert job.safety_tolerance is not None
-    if job.image is None or job.safety_tolerance <= EDIT_SAFETY_CAP:
+    if not job.images or job.safety_tolerance <= EDIT_SAFETY_CAP:
         return job.safety_tolerance
     progress.log(
         f"safety_tolerance {job.safety_tolerance} capped at {EDIT_SAFETY_CAP}: "

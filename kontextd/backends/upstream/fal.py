@@ -40,6 +40,7 @@ from kontextd.backends.upstream.common import (
     time_left,
 )
 from kontextd.catalogue.endpoints import BY_APP_ID
+from kontextd.catalogue.resolutions import output_size
 from kontextd.routing import UpstreamConfig
 
 log = logging.getLogger("kontextd.upstream.fal")
@@ -57,12 +58,14 @@ MAX_MESSAGE = 500  # characters of fal's error text passed on to our client
 ENVELOPE_URLS = ("status_url", "response_url", "cancel_url")
 CHECKPOINT = "fal request"  # the name its id and URLs are kept under, for a re-run
 
-# Sent to a fal app outside our catalogue (a route naming another app): the fields of the [pro]/[max] apps.
+# Sent to a fal app outside our catalogue (a route naming another app): the fields of the [pro]/[max] apps
+# (single and multi-image).
 # fal's apps ignore fields they do not know, so the worst case is a default where a value was meant.
 COMMON_FIELDS = frozenset(
     {
         "prompt",
         "image_url",
+        "image_urls",
         "aspect_ratio",
         "num_images",
         "seed",
@@ -355,16 +358,29 @@ def fal_input(job: GenerationJob, own_base_url: str) -> dict[str, Any]:
         "output_format": job.output_format,
         "enhance_prompt": job.enhance_prompt,
         "acceleration": job.acceleration,
+        "enable_safety_checker": job.enable_safety_checker,  # fal's [dev] runs its own checker
         "sync_mode": False,  # URLs, not data URIs: the worker re-hosts the files in our storage
     }
     if job.aspect_ratio is not None:
         candidates["aspect_ratio"] = job.aspect_ratio
         candidates["resolution_mode"] = job.aspect_ratio  # what [dev] calls a fixed aspect ratio
+        if not accepted & {"aspect_ratio", "resolution_mode"}:  # LoRA text-to-image names it so alone
+            width, height = output_size(job.aspect_ratio, None)
+            candidates["image_size"] = {"width": width, "height": height}
+    if job.loras:
+        candidates["loras"] = [{"path": lora.path, "scale": lora.scale} for lora in job.loras]
+    if job.mask is not None:
+        candidates |= {"mask_url": _image_url(job.mask, own_base_url), "strength": job.strength}
     if job.safety_tolerance is not None:
         candidates["safety_tolerance"] = str(job.safety_tolerance)  # fal's enum is the strings "1".."6"
     body = {name: value for name, value in candidates.items() if name in accepted}
-    if job.image is not None and "image_url" in accepted:
-        body["image_url"] = _image_url(job.image, own_base_url)
+    urls = [_image_url(image, own_base_url) for image in job.images]
+    if urls and "image_urls" in accepted:  # the multi-image apps
+        body["image_urls"] = urls
+    if urls and "image_url" in accepted:
+        body["image_url"] = urls[0]
+    if len(urls) > 1 and "reference_image_url" in accepted:  # inpainting's second image
+        body["reference_image_url"] = urls[1]
     return body
 
 
