@@ -80,6 +80,7 @@ FETCH_ADDRESSES = "tests/test_fetch_addresses.py"
 IMAGE_LIMITS = "tests/test_image_limits.py"
 SIGNING = "tests/test_webhook_signing.py"
 RETENTION = "tests/test_retention.py"
+UPLOADS = "test_uploads.py"
 GAPS = "test_mutation_gaps.py"  # tests written for the mutants that survived the first run (2026-12-01)
 
 
@@ -363,8 +364,8 @@ MUTANTS: tuple[Mutant, ...] = (
     M(
         "api-proxy-target-host-inverted",
         MIDDLEWARE_PY,
-        'if not host.startswith("queue."):',
-        'if host.startswith("queue."):',
+        "if not host.startswith(ROOT_HOSTS):",
+        "if host.startswith(ROOT_HOSTS):",
         "a proxied call to queue.fal.run goes to the run routes and one to fal.run to the queue",
         HOSTILE,
         _gap(
@@ -711,6 +712,35 @@ MUTANTS: tuple[Mutant, ...] = (
         "    if False:\n        return None\n",
         "enable_safety_checker false on [dev] is checked anyway",
         _node("test_safety.py", "test_enable_safety_checker_false_on_dev_is_not_checked"),
+    ),
+    # -- uploads: fal's storage API (kontextd/api/uploads.py and what it stands on) -------------------
+    M(
+        "api-upload-of-another-key-is-an-input",
+        "kontextd/api/own_files.py",
+        "if uploaded_by != owner:",
+        "if uploaded_by is None:",
+        "one key's upload is accepted as another key's input",
+        _node(UPLOADS, "test_an_upload_by_one_key_is_no_input_for_another"),
+    ),
+    M(
+        "api-upload-signature-not-compared",
+        "kontextd/api/upload_signing.py",
+        "and hmac.compare_digest(signature, self.upload_signature(key, int(expires)))",
+        "and len(signature) == 64",
+        "any 64 hex digits pass for an upload URL's signature",
+        _node(
+            UPLOADS,
+            "test_forged_and_expired_upload_urls_are_403_in_fals_shape",
+            "test_tokens_and_upload_urls_are_signed_apart_and_expire",
+        ),
+    ),
+    M(
+        "worker-sweep-forgets-uploads-keeping-files",
+        HOUSEKEEPING_PY,
+        "        storage.delete(uploads)  # files first",
+        "        pass  # files first",
+        "expired uploads are forgotten but their files stay for ever",
+        _node(UPLOADS, "test_the_sweep_deletes_expired_uploads_and_their_records"),
     ),
     # -- server start-up ------------------------------------------------------------------------------
     M(

@@ -15,6 +15,8 @@ from kontextd.api.app import create_app, create_health_app
 from kontextd.api.auth import Authenticator
 from kontextd.api.queue import RUN_PREFIX
 from kontextd.api.services import Services
+from kontextd.api.upload_signing import SECRET_NAME as UPLOAD_SIGNING_SECRET
+from kontextd.api.upload_signing import UploadSigner
 from kontextd.backends import TINY_MODEL, BackendPlan, BackendUnavailable, plan_backend
 from kontextd.config import Settings
 from kontextd.datadir import DataDir
@@ -151,6 +153,8 @@ def build_services(settings: Settings) -> tuple[Services, DataDir]:
             urls=urls,
             authenticator=Authenticator(settings.api_keys),
             signer=signer,
+            # Deployment-wide, like the webhook key: any API node accepts an upload URL another one signed.
+            uploads=UploadSigner(store.secret(UPLOAD_SIGNING_SECRET, UploadSigner.generate)),
             fetcher=GuardedFetcher(
                 AllowList.parse(settings.fetch_allow),
                 FetchLimits(max_bytes=settings.fetch_max_bytes, timeout_seconds=settings.fetch_timeout),

@@ -619,6 +619,14 @@ def test_object_lifecycle_header(client: httpx.Client, value: str) -> None:
     assert error["input"] == value
 
 
+def test_a_lifecycle_integer_too_big_for_a_float_is_refused(client: httpx.Client) -> None:
+    # json.loads makes it an int, which no float can hold (math.isfinite raises on it).
+    headers = {"X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 1' + "0" * 400 + "}"}
+    response = submit(client, TEXT_TO_IMAGE, {"prompt": "x"}, headers=headers)
+    error = only_error(response, 400)
+    assert (error["type"], error["loc"]) == ("value_error", ["header", "x-fal-object-lifecycle-preference"])
+
+
 @pytest.mark.parametrize("hook", ["ftp://127.0.0.1/hook", "127.0.0.1/hook", "javascript:alert(1)", "http://"])
 def test_webhook_must_be_an_http_url(client: httpx.Client, hook: str) -> None:
     response = submit(client, TEXT_TO_IMAGE, {"prompt": "x"}, params={"fal_webhook": hook})

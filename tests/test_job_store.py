@@ -26,7 +26,7 @@ from unittest import mock
 import pytest
 
 from bench.scratch_postgres import bulk
-from kontextd.jobs import outcomes
+from kontextd.jobs import lifecycle, outcomes
 from kontextd.jobs.lifecycle import MAX_FAILURES, MAX_INTERRUPTIONS, MAX_STORAGE_FAILURES
 from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Polled, Priority, Release, State
 from kontextd.jobs.postgres import PostgresJobStore
@@ -213,6 +213,35 @@ def test_claim_order_is_retry_then_normal_then_low_fifo_within_a_level(store: Jo
         "low-2",
     ]
     assert claim(store, now) is None
+
+
+def test_a_preferred_job_close_behind_the_head_is_taken_first(store: JobStore) -> None:
+    now = time.time()
+    window = lifecycle.AFFINITY_WINDOW
+    store.submit(new_job("head", affinity="b"))
+    for index in range(1, window):
+        store.submit(new_job(f"other-{index}"))
+    store.submit(new_job("last-in-window", affinity="a"))  # exactly AFFINITY_WINDOW tickets behind
+    store.submit(new_job("beyond-window", affinity="a"))
+    store.submit(new_job("low", priority=Priority.LOW, affinity="a"))  # another level: never before the head
+
+    job = store.claim("worker-a", LEASE, now, prefer={"a", "z"})
+    assert job is not None and (job.request_id, job.affinity) == ("last-in-window", "a")
+    assert store.queue_position("head") == 0 and store.queue_position("other-1") == 1  # holes counted
+    assert store.queue_position("beyond-window") == window  # every job but the one taken is still ahead
+    # Beyond the window, the head goes first even to a preferred worker; a head it prefers, at once.
+    assert store.claim("worker-a", LEASE, now, prefer={"a"}).request_id == "head"
+    assert store.claim("worker-b", LEASE, now, prefer={"other"}).request_id == "other-1"
+    assert store.claim("worker-a", LEASE, now, prefer=set()).request_id == "other-2"
+
+
+def test_a_preferred_job_past_its_start_deadline_is_not_started(store: JobStore) -> None:
+    now = time.time()
+    store.submit(new_job("head"))
+    store.submit(new_job("late", affinity="a", start_deadline=now - 1))
+    assert store.claim("worker-a", LEASE, now, prefer={"a"}).request_id == "head"
+    assert claim(store, now) is None  # the late one is timed out on the way, as a head would be
+    assert get(store, "late").outcome.error_type == "request_timeout"
 
 
 def test_claim_marks_the_job_running(store: JobStore) -> None:
@@ -1013,6 +1042,52 @@ def test_prune_records_respects_the_limit(store: JobStore) -> None:
     assert [store.get(name) for name in names] == [None] * 5
 
 
+# -- uploads ---------------------------------------------------------------------------------------
+
+
+def upload(name: str) -> str:
+    return f"uploads/{uuid.uuid5(uuid.NAMESPACE_URL, name)}.png"
+
+
+def test_an_upload_is_its_owners_until_it_expires(store: JobStore) -> None:
+    now = time.time()
+    store.add_upload(upload("a"), "key-a", now + 10)
+    assert store.upload_owner(upload("a"), now) == "key-a"
+    assert store.upload_owner(upload("a"), now + 9.9) == "key-a"
+    assert store.upload_owner(upload("a"), now + 10) is None  # its time is up, swept or not
+    assert store.upload_owner(upload("never"), now) is None
+    store.add_upload(upload("a"), "key-b", now + 100)  # a repeat keeps the first record
+    assert store.upload_owner(upload("a"), now) == "key-a"
+    assert store.expired_uploads(now + 5, 10) == []
+
+
+def test_expired_uploads_are_listed_longest_expired_first_then_forgotten(store: JobStore) -> None:
+    now = time.time()
+    for name, lifetime in [("late", 3.0), ("early", 1.0), ("kept", 100.0), ("middle", 2.0)]:
+        store.add_upload(upload(name), "key-a", now + lifetime)
+    assert store.expired_uploads(now + 3, 2) == [upload("early"), upload("middle")]
+    expired = store.expired_uploads(now + 3, 10)
+    assert expired == [upload("early"), upload("middle"), upload("late")]  # exactly at its expiry: expired
+    store.forget_uploads([*expired[:2], upload("never")])
+    store.forget_uploads([])
+    assert store.expired_uploads(now + 3, 10) == [upload("late")]
+    store.forget_uploads(store.expired_uploads(now + 3, 10))
+    assert store.expired_uploads(now + 1000, 10) == [upload("kept")]
+    assert store.upload_owner(upload("kept"), now) == "key-a"
+
+
+def test_uploads_survive_reopening(store_kind: StoreKind) -> None:
+    now = time.time()
+    first = store_kind.open()
+    first.add_upload(upload("kept"), "key-a", now + 60)
+    first.close()
+    second = store_kind.open()
+    try:
+        assert second.upload_owner(upload("kept"), now) == "key-a"
+    finally:
+        second.close()
+
+
 # -- webhooks --------------------------------------------------------------------------------------
 
 
@@ -1634,7 +1709,9 @@ def test_a_database_made_by_the_first_release_keeps_working(sqlite_path: Path) -
                 assert claimed_ids(store, now) == ["running", "queued", "new"]
                 assert store.complete("queued", succeeded(), now, worker_id="worker-a") is True
                 store.append_log("running", "step 1/2", "INFO", now)
+                store.add_upload(upload("on-an-old-database"), "key-a", now + 60)  # its table is made too
             else:
+                assert store.upload_owner(upload("on-an-old-database"), now) == "key-a"
                 assert get(store, "queued").outcome == succeeded()
                 assert [line.message for line in store.logs("running")] == [
                     "step 1/2",

@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 
 from kontextd.backends.base import InputUnusable
 from kontextd.backends.lora_files import LoraFiles, looks_like_safetensors
+from kontextd.catalogue.endpoints import affinity
+from kontextd.catalogue.schemas import LoraEditInput
 
 DEV = "fal-ai/flux-kontext/dev"
 LORA_EDIT = "fal-ai/flux-kontext-lora"
@@ -349,3 +351,20 @@ def test_the_lora_endpoints_are_listed(api: httpx.Client) -> None:
     listed = {entry["app_id"]: entry for entry in api.get("/v1/endpoints").json()["endpoints"]}
     for app_id in (LORA_EDIT, LORA_T2I, LORA_INPAINT):
         assert (listed[app_id]["backend"], listed[app_id]["status"]) == ("local", "ready")
+
+
+def test_the_affinity_of_a_request_is_its_hint_else_its_set_of_loras() -> None:
+    def edit_with(*paths: str, scale: float = 1) -> LoraEditInput:
+        loras = [{"path": path, "scale": scale} for path in paths]
+        return LoraEditInput.model_validate(
+            {"prompt": "p", "image_url": "http://127.0.0.1:9/a.png", "loras": loras}
+        )
+
+    one_order, other_order = edit_with("a/b", "style"), edit_with("style", "a/b", "style", scale=2)
+    assert affinity(one_order, None) == affinity(other_order, None)  # a set: order, repeats, scales aside
+    assert affinity(one_order, None).startswith("loras:") and affinity(edit_with("style"), None) != affinity(
+        one_order, None
+    )
+    assert affinity(edit_with(), None) is None  # no LoRA, no hint: any worker
+    assert affinity(one_order, "tenant-7") == "hint:tenant-7"  # the client's hint wins
+    assert affinity(edit_with(), "") is None  # an empty hint is none

@@ -680,6 +680,33 @@ def test_normal_priority_runs_before_low(fal: Fal, image_host: LoopbackServer) -
     assert timestamp(normal_steps[-1]) <= timestamp(low_steps[0])
 
 
+def test_a_runner_hint_goes_first_to_the_worker_that_ran_it(fal: Fal, image_host: LoopbackServer) -> None:
+    hint = {"X-Fal-Runner-Hint": f"tenant-{uuid.uuid4().hex[:8]}"}
+    assert "error" not in fal.completed(fal.submit(TEXT_TO_IMAGE, {"prompt": "first"}, headers=hint))
+    with blocking(fal, image_host):  # the one worker is busy: both queue, the plain one first
+        plain = fal.submit(TEXT_TO_IMAGE, {"prompt": "plain"})
+        hinted = fal.submit(TEXT_TO_IMAGE, {"prompt": "hinted"}, headers=hint)
+        assert (plain["queue_position"], hinted["queue_position"]) == (0, 1)
+    hinted_steps = step_lines_with_times(fal.completed(hinted))
+    plain_steps = step_lines_with_times(fal.completed(plain))
+    assert hinted_steps[-1] <= plain_steps[0]  # the worker that ran the hint took its request first
+
+
+def step_lines_with_times(status: dict[str, Any]) -> list[datetime]:
+    assert "error" not in status, status
+    return [timestamp(line) for line in status["logs"] if STEP_LINE.fullmatch(line["message"])]
+
+
+@pytest.mark.parametrize("hint", ["", "has space", "x" * 257, b"caf\xe9"])
+def test_a_runner_hint_must_be_visible_ascii(fal: Fal, hint: str | bytes) -> None:
+    response = fal.submit_response(TEXT_TO_IMAGE, {"prompt": "p"}, headers={"X-Fal-Runner-Hint": hint})
+    if hint == "":  # an empty header is no hint
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"][0]["loc"] == ["header", "x-fal-runner-hint"]
+
+
 def test_request_timeout_is_a_deadline_to_start(fal: Fal, image_host: LoopbackServer) -> None:
     # Three 50-step blockers: at least two seconds before anything behind them can start.
     with blocking(fal, image_host, queued_behind=2):

@@ -168,8 +168,9 @@ def hostile_keys(real: str) -> list[str]:
     ]
 
 
-def test_anything_but_a_key_is_refused_without_a_request(subject: Subject) -> None:
-    real = new_key()
+@pytest.mark.parametrize("form", ["output", "upload"])
+def test_anything_but_a_key_is_refused_without_a_request(subject: Subject, form: str) -> None:
+    real = new_key() if form == "output" else keys.upload_key("png")
     subject.storage.put(real, b"real", "image/png")
     subject.sent.clear()
     for key in hostile_keys(real):
@@ -183,6 +184,52 @@ def test_anything_but_a_key_is_refused_without_a_request(subject: Subject) -> No
     subject.storage.delete(hostile_keys(real))
     assert subject.sent == [], "a hostile key reached the object store"
     assert read(subject.storage, real) == b"real"  # and nothing it names was touched
+
+
+@pytest.mark.parametrize("extension", keys.UPLOAD_EXTENSIONS)
+def test_an_upload_is_stored_under_a_key_of_its_own(subject: Subject, extension: str) -> None:
+    key, data = keys.upload_key(extension), image(extension)
+    assert keys.is_valid(key) and keys.is_upload(key) and not keys.is_upload(new_key())
+    subject.storage.put(key, data, keys.content_type(key))
+    stored = subject.storage.open(key)
+    assert stored is not None and stored.size == len(data)
+    assert stored.content_type == keys.content_type(key) == f"image/{extension}"
+    stored.stream.close()
+    if isinstance(subject.storage, LocalStorage):
+        assert (subject.storage.root / key).is_file()  # under the uploads folder, named by the key alone
+    subject.storage.delete([key])
+    assert subject.storage.open(key) is None
+    if isinstance(subject.storage, LocalStorage):
+        assert os.listdir(subject.storage.root) == []
+
+
+def test_upload_keys_are_random_and_strict() -> None:
+    real = keys.upload_key("png")
+    _, name = real.split("/")
+    uuid_part = name.removesuffix(".png")
+    assert keys.upload_key("png") != real
+    for key in [
+        f"uploads/{uuid_part}.svg",
+        f"uploads/{uuid_part}.html",
+        f"uploads/{uuid_part}.jpg",
+        f"uploads/{uuid_part}.PNG",
+        f"Uploads/{name}",
+        f"uploads/{uuid_part.upper()}.png",
+        f"uploads/{uuid_part}/0.png",
+        f"uploads//{name}",
+        f"uploads/../{name}",
+        f"uploads/{name}/",
+        f"uploads\\{name}",
+        f"uploads%2f{name}",
+        f"uploads/{name}\x00",
+        f"uploads/{uuid_part}",
+        "uploads/photo.png",
+        f"{uuid_part}/0.gif",  # an output is never a GIF
+        f"files/{name}",
+    ]:
+        assert not keys.is_valid(key), key
+    with pytest.raises(ValueError):
+        keys.upload_key("svg")
 
 
 def test_delete_removes_many_keys_and_ignores_missing_and_invalid_ones(subject: Subject) -> None:

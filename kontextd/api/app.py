@@ -13,7 +13,7 @@ from fastapi.telemetry import TelemetryConfig
 from fastapi_offline import FastAPIOffline
 
 from kontextd import __version__
-from kontextd.api import queue
+from kontextd.api import queue, uploads
 from kontextd.api.deps import Owner, ServicesDep
 from kontextd.api.errors import MAX_BODY_BYTES, install_error_handlers
 from kontextd.api.middleware import BodyLimit, TargetUrl, TrailingSlash
@@ -37,6 +37,8 @@ Self-hosted FLUX.1 Kontext speaking the fal.ai queue API.
 * **Queue** (this host's root): `POST /{app_id}` queues a request; follow it at
   `/{owner}/{alias}/requests/{id}/status`, `/status/stream`, `/{id}` (result) and `/cancel`.
 * **Run** (`/run` prefix): `POST /run/{app_id}` waits and answers with the output itself.
+* **Storage** (fal's upload API): `POST /storage/upload/initiate`, then PUT the bytes to the signed URL it
+  answers; or `POST /storage/auth/token`, then `POST /files/upload`. Uploaded images are inputs.
 
 Authenticate with `Authorization: Key <key>` or `Bearer <key>` when the server has API keys.
 """
@@ -147,6 +149,7 @@ def create_app(services: Services, lifespan: Lifespan | None = None) -> FastAPI:
     install_openapi(app)
     _add_routes(app, queue.polls)  # first: the routes asked most are matched first
     _add_routes(app, queue.router)
+    _add_routes(app, uploads.router)  # fal's storage API: uploads are inputs, kept in our storage
     app.add_api_route("/health", health, methods=["GET"], **HEALTH_ROUTE)
     app.add_api_route(
         "/v1/endpoints",
@@ -168,10 +171,10 @@ def create_app(services: Services, lifespan: Lifespan | None = None) -> FastAPI:
         files,
         methods=["GET"],
         tags=["server"],
-        summary="A stored output image",
+        summary="A stored output image, or an uploaded input image",
         response_class=StreamingResponse,
         responses={
-            200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}},
+            200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}, "image/gif": {}}},
             404: {"description": "No such file: never stored, expired, or not a name this server makes"},
             503: {"description": "The storage cannot be reached now"},
         },

@@ -59,10 +59,15 @@ class BodyLimit:
         return f"Request body too large: at most {self.max_bytes // (1024 * 1024)} MB"
 
 
+# Proxied targets on these hosts are this server's root routes (the queue's, the storage API's).
+ROOT_HOSTS = ("queue.", "rest.")
+
+
 class TargetUrl:
     """`@fal-ai/client` in proxy mode sends every call to one proxy URL with the real target in
-    `x-fal-target-url`. Route such a request by the target's path (its host is not followed): a target on a
-    run host (not `queue.…`) goes to the /run routes. A target that is not a URL is a 400."""
+    `x-fal-target-url`. Route such a request by the target's path (its host is not followed): a target on
+    the queue host (`queue.…`) or the storage host (`rest.…`, fal's upload API) goes to the root routes, one
+    on a run host (any other) to the /run routes. A target that is not a URL is a 400."""
 
     def __init__(self, app: ASGIApp, run_prefix: str) -> None:
         self.app = app
@@ -80,7 +85,7 @@ class TargetUrl:
                     return
                 raw_path = parts.path or "/"
                 path = unquote(raw_path)
-                if not host.startswith("queue."):
+                if not host.startswith(ROOT_HOSTS):
                     path, raw_path = self.run_prefix + path, self.run_prefix + raw_path
                 scope = dict(
                     scope,

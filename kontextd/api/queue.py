@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from kontextd.api.deps import Owner, ServicesDep
 from kontextd.api.json_body import JsonRoute
 from kontextd.api.lean_route import LeanRoute
+from kontextd.api.own_files import settle_own_files
 from kontextd.api.responses import (
     CANCEL_RESPONSES,
     RESULT_RESPONSES,
@@ -37,7 +38,7 @@ from kontextd.api.responses import (
 )
 from kontextd.api.services import Services
 from kontextd.api.wire import queue_prefix, request_urls, status_body
-from kontextd.catalogue.endpoints import ENDPOINTS, Endpoint
+from kontextd.catalogue.endpoints import ENDPOINTS, RUNNER_HINT_PATTERN, Endpoint, affinity
 from kontextd.catalogue.schemas import HTTP_URL_PATTERN, KontextOutput, QueueEnvelope, QueueStatus
 from kontextd.fetch.guard import FetchError, GuardedFetcher
 from kontextd.jobs.model import CancelResult, Job, JobSummary, NewJob, Priority, State
@@ -80,8 +81,9 @@ def _lifecycle_ttl(header: str | None, default: float) -> float:
         raise _invalid(
             "header", name, 'expected JSON like {"expiration_duration_seconds": 3600}', header
         ) from error
-    # `not 0 < x <= max` also refuses NaN, which json.loads accepts and no comparison would catch.
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_OUTPUT_TTL_SECONDS):
+    # `not 0 < x <= max` also refuses NaN, which json.loads accepts and no comparison would catch; compared
+    # first, so an integer too large for a float (isfinite would raise OverflowError) is refused too.
+    if not (0 < seconds <= MAX_OUTPUT_TTL_SECONDS and math.isfinite(seconds)):
         raise _invalid(
             "header",
             name,
@@ -134,26 +136,28 @@ def _outcome_response(services: Services, request: Request, job: Job) -> JSONRes
 def _new_job(
     services: Services,
     endpoint: Endpoint,
-    body: BaseModel,
+    body: dict[str, Any],
     owner: str,
     webhook: str | None,
     priority: str | None,
     timeout: float | None,
     lifecycle: str | None,
     no_retry: str | None,
+    affinity: str | None,
 ) -> NewJob:
     return NewJob(
         request_id=str(uuid.uuid4()),
         gateway_request_id=str(uuid.uuid4()),
         app_id=endpoint.app_id,
         owner=owner,
-        input=body.model_dump(mode="json"),
+        input=body,
         lane=services.routing.route(endpoint.app_id).backend,
         priority=Priority.LOW if priority == "low" else Priority.NORMAL,
         start_deadline=time.time() + timeout if timeout is not None else None,
         webhook_url=webhook,
         output_ttl_seconds=_lifecycle_ttl(lifecycle, services.settings.output_ttl),
         no_retry=no_retry in ("1", "true"),
+        affinity=affinity,
     )
 
 
@@ -285,17 +289,28 @@ def _submit_route(
             Literal["1", "0", "true", "false"] | None,
             Header(description="1 (or true): do not re-run the request if its worker stops; 0: do."),
         ] = None,
+        x_fal_runner_hint: Annotated[
+            str | None,
+            Header(
+                pattern=RUNNER_HINT_PATTERN,
+                description="An affinity key (up to 256 visible ASCII characters): requests with the "
+                "same hint go, where it costs no one a long wait, to the worker that ran the last ones. "
+                "Empty: none.",
+            ),
+        ] = None,
     ) -> JSONResponse | StreamingResponse:
         job = _new_job(
             services,
             endpoint,
-            body,
+            # Our own files in it (uploads, outputs): checked for this key, named as the workers know them.
+            await settle_own_files(services, body.model_dump(mode="json"), owner, str(request.base_url)),
             owner,
             await _webhook(fal_webhook, services.fetcher),
             x_fal_queue_priority,
             x_fal_request_timeout,
             x_fal_object_lifecycle_preference,
             x_fal_no_retry,
+            affinity(body, x_fal_runner_hint),
         )
         position = await run_in_threadpool(services.store.submit, job)
         services.wake_workers(job.lane)  # this process's; other processes hear of it through the store

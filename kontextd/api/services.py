@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from kontextd.api.auth import Authenticator
 from kontextd.api.changes import ChangeFeed
+from kontextd.api.upload_signing import UploadSigner
 from kontextd.backends import BackendPlan
 from kontextd.config import Settings
 from kontextd.fetch.guard import GuardedFetcher
@@ -42,6 +43,7 @@ class Services:
     urls: FileUrls  # how clients reach stored files, rendered per response
     authenticator: Authenticator
     signer: WebhookSigner
+    uploads: UploadSigner  # signs upload tokens and upload URLs (fal's storage API)
     fetcher: GuardedFetcher
     plan: BackendPlan
     routing: Routing

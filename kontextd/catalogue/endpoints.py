@@ -1,5 +1,6 @@
 """The endpoint catalogue: the app ids, what each accepts, and how a request becomes generation work."""
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,19 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 BY_APP_ID: dict[str, Endpoint] = {endpoint.app_id: endpoint for endpoint in ENDPOINTS}
+
+RUNNER_HINT_PATTERN = r"^[!-~]{0,256}$"  # X-Fal-Runner-Hint: visible ASCII, safe in any log line; empty: none
+
+
+def affinity(request: BaseModel, runner_hint: str | None) -> str | None:
+    """What a worker that ran such a request before is preferred for (JobStore.claim's `prefer`): the
+    client's runner hint, else the set of LoRAs it names, so it goes where they are loaded. None: any."""
+    if runner_hint:
+        return f"hint:{runner_hint}"
+    paths = sorted({lora.path for lora in getattr(request, "loras", None) or []})
+    if not paths:
+        return None
+    return "loras:" + hashlib.sha256("\n".join(paths).encode()).hexdigest()[:32]
 
 
 def generation_job(

@@ -15,6 +15,10 @@ from kontextd.jobs.model import Outcome, Release
 MAX_FAILURES = 3  # a request whose worker was lost this often (lease lapsed) is failed, not retried forever
 MAX_INTERRUPTIONS = 10  # a request the server died under this often is failed: it may be what kills it
 MAX_STORAGE_FAILURES = 5  # a request whose images could not be stored this often ends with storage_error
+# A worker preferred for a job (it has the job's LoRAs loaded, or ran its runner hint) may take it before
+# the head of the queue when it is at most this many tickets behind: the head is passed over at most this
+# many times, however many such jobs keep coming.
+AFFINITY_WINDOW = 16
 
 REQUEUED_LEASE = "The worker running this request stopped; it was queued again"
 REQUEUED_RESTART = "The server stopped while this request ran; it was queued again"

@@ -46,6 +46,9 @@ class NewJob:
     webhook_url: str | None = None
     output_ttl_seconds: float | None = None
     no_retry: bool = False
+    # What a worker that ran such a job before is preferred for: the client's X-Fal-Runner-Hint, or the
+    # job's LoRA set (kontextd.catalogue.endpoints.affinity). None: any worker, in queue order.
+    affinity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class Job:
     storage_failures: int = 0  # times its images could not be stored (disk full)
     # What earlier runs of it kept for a re-run to resume (JobStore.checkpoint): upstream tasks' handles.
     checkpoints: dict[str, str] = field(default_factory=dict)
+    affinity: str | None = None  # as submitted (NewJob.affinity)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ import math
 import select
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -132,6 +132,15 @@ MIGRATIONS: list[str] = [
     """,
     # 2: what a run kept for a re-run to resume (JobStore.checkpoint), a JSON object; NULL once it ended.
     "ALTER TABLE kontextd_jobs ADD COLUMN checkpoints_json text;",
+    # 3: files uploaded through fal's storage API: whose each is, and until when (JobStore.add_upload).
+    """
+    CREATE TABLE kontextd_uploads (
+        file_key text PRIMARY KEY, owner text NOT NULL, expires_at double precision NOT NULL
+    );
+    CREATE INDEX kontextd_uploads_expiry ON kontextd_uploads (expires_at);
+    """,
+    # 4: what a worker that ran such a job before is preferred for (JobStore.claim's `prefer`).
+    "ALTER TABLE kontextd_jobs ADD COLUMN affinity text;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)  # what this node knows
 
@@ -555,7 +564,16 @@ class PostgresJobStore(SqlJobStore):
             self._polls = None
             await pool.close(timeout=5.0)
 
-    def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
+    def claim(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+        lane: str = "local",
+        prefer: Collection[str] = (),
+    ) -> Job | None:
+        if prefer:  # two reads (the head, then a preferred job behind it): the general way
+            return super().claim(worker_id, lease_seconds, now, lane, prefer)
         params = {"lane": lane, "worker_id": worker_id, "lease_expires_at": now + lease_seconds, "now": now}
         with self._connection() as connection:
             head = connection.execute(_CLAIM_HEAD, params).fetchone()

@@ -117,4 +117,5 @@ def job(row: Row) -> Job:
         interruptions=row["interruptions"],
         storage_failures=row["storage_failures"],
         checkpoints=json.loads(row["checkpoints_json"] or "{}"),
+        affinity=row["affinity"],
     )

@@ -117,24 +117,48 @@ class SqlJobStore(abc.ABC):
             return None
         return row
 
-    def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
+    def claim(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+        lane: str = "local",
+        prefer: Collection[str] = (),
+    ) -> Job | None:
         """The head of the lane (on a shared store, the first no other node holds: a concurrent claimer
-        skips past the row locked here instead of waiting for the commit), started under a lease; heads
-        whose start deadline passed are timed out on the way, in the same transaction."""
+        skips past the row locked here instead of waiting for the commit), or a job close behind it that
+        the worker is preferred for, started under a lease; heads whose start deadline passed are timed
+        out on the way, in the same transaction."""
         with self._write() as transaction:
             while True:
                 row = transaction.execute(self._sql.queue_head, (lane,)).fetchone()
                 if row is None:
                     return None
-                self._leave_queue(transaction, row)
                 if row["start_deadline"] is not None and row["start_deadline"] < now:
+                    self._leave_queue(transaction, row)
                     self._finish(transaction, row, outcomes.timed_out(), now)
                     continue
+                if prefer and row["affinity"] not in prefer:
+                    row = self._preferred(transaction, row, prefer, now) or row
+                self._leave_queue(transaction, row)
                 claimed = transaction.execute(
                     self._sql.start, (worker_id, now + lease_seconds, now, row["request_id"])
                 ).fetchone()
                 transaction.changed(row["request_id"])
                 return rows.job(claimed)
+
+    def _preferred(
+        self, transaction: Transaction, head: rows.Row, prefer: Collection[str], now: float
+    ) -> rows.Row | None:
+        """A job of the head's level, at most lifecycle.AFFINITY_WINDOW tickets behind it, whose affinity
+        is one of `prefer`, and still in time to start; None: take the head."""
+        ticket = head["ticket"]
+        window = (head["lane"], head["priority"], ticket, ticket + lifecycle.AFFINITY_WINDOW)
+        affinities = self._sql.dialect.bind_list(list(prefer))
+        row = transaction.execute(self._sql.preferred_head, (*window, affinities)).fetchone()
+        if row is None or (row["start_deadline"] is not None and row["start_deadline"] < now):
+            return None
+        return row
 
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
         # One statement, atomic by itself. Not announced: a heartbeat changes nothing a waiter looks at.
@@ -290,6 +314,29 @@ class SqlJobStore(abc.ABC):
             for row in found:
                 transaction.changed(row["request_id"])  # gone: a status poll now answers 404
             return len(found)
+
+    # -- uploads ---------------------------------------------------------------------------------------
+
+    def add_upload(self, key: str, owner: str, expires_at: float) -> None:
+        # One statement, atomic by itself; no status poll reads uploads.
+        with self._write_one() as connection:
+            connection.execute(self._sql.add_upload, (key, owner, expires_at))
+
+    def upload_owner(self, key: str, now: float) -> str | None:
+        with self._read() as connection:
+            row = connection.execute(self._sql.upload_owner, (key, now)).fetchone()
+        return None if row is None else str(row["owner"])
+
+    def expired_uploads(self, now: float, limit: int) -> list[str]:
+        with self._read() as connection:
+            found = connection.execute(self._sql.expired_uploads, (now, limit)).fetchall()
+        return [str(row["file_key"]) for row in found]
+
+    def forget_uploads(self, keys: Collection[str]) -> None:
+        if not keys:
+            return
+        with self._write_one() as connection:
+            connection.execute(self._sql.forget_uploads, (self._sql.dialect.bind_list(list(keys)),))
 
     # -- webhooks --------------------------------------------------------------------------------------
 

@@ -90,6 +90,12 @@ CREATE INDEX IF NOT EXISTS webhook_sending ON webhook_deliveries(delivery_id) WH
 CREATE INDEX IF NOT EXISTS webhook_deliveries_request ON webhook_deliveries(request_id);
 -- Deployment-wide secrets (the webhook signing key), made once and kept.
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+-- Files uploaded through fal's storage API: whose each is, and until when (JobStore.add_upload). A table of
+-- its own, so IF NOT EXISTS brings an older database to it as well.
+CREATE TABLE IF NOT EXISTS uploads (
+    file_key TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS uploads_expiry ON uploads(expires_at);
 """
 
 # Columns added since the first release, as (table, column, definition). SCHEMA above is the first
@@ -104,6 +110,8 @@ MIGRATIONS: list[tuple[str, str, str]] = [
     ("jobs", "storage_failures", "INTEGER NOT NULL DEFAULT 0"),
     # What a run kept for a re-run to resume (JobStore.checkpoint), a JSON object; NULL once it ended.
     ("jobs", "checkpoints_json", "TEXT"),
+    # What a worker that ran such a job before is preferred for (JobStore.claim's `prefer`).
+    ("jobs", "affinity", "TEXT"),
 ]
 
 _SQL = statements.Statements(statements.SQLITE)  # what this store runs as the PostgreSQL one does

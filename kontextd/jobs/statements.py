@@ -21,7 +21,8 @@ from kontextd.jobs.model import NewJob, Outcome
 # What deciding about a job needs, without its input and result bodies (possibly megabytes).
 CONTROL_COLUMNS = (
     "request_id, gateway_request_id, owner, lane, state, priority, ticket, start_deadline, worker_id,"
-    " webhook_url, output_ttl, cancel_requested, no_retry, failures, interruptions, storage_failures"
+    " webhook_url, output_ttl, cancel_requested, no_retry, failures, interruptions, storage_failures,"
+    " affinity"
 )
 
 
@@ -98,7 +99,7 @@ POSTGRES = Dialect(
 # The columns a submit fills, in the order of Statements.new_job_values().
 NEW_JOB_COLUMNS = (
     "request_id, gateway_request_id, app_id, owner, lane, input_json, state, priority, ticket, created_at,"
-    " start_deadline, no_retry, webhook_url, output_ttl"
+    " start_deadline, no_retry, webhook_url, output_ttl, affinity"
 )
 
 
@@ -122,6 +123,13 @@ class Statements:
         self.queue_head = (
             f"SELECT {CONTROL_COLUMNS} FROM {jobs} WHERE state = 'IN_QUEUE' AND lane = {p}"
             f" ORDER BY priority, ticket LIMIT 1{d.skip_locked}"
+        )
+        # A job a worker is preferred for (its affinity among the worker's), of the head's level and within
+        # the AFFINITY_WINDOW tickets behind it: a bounded index range, and a bounded wait for those skipped.
+        self.preferred_head = (
+            f"SELECT {CONTROL_COLUMNS} FROM {jobs} WHERE state = 'IN_QUEUE' AND lane = {p} AND priority = {p}"
+            f" AND ticket > {p} AND ticket <= {p} AND affinity {d.in_texts}"
+            f" ORDER BY ticket LIMIT 1{d.skip_locked}"
         )
         self.start = (
             f"UPDATE {jobs} SET state = 'IN_PROGRESS', worker_id = {p}, lease_expires_at = {p},"
@@ -229,6 +237,18 @@ class Statements:
         )
         self.webhook_deliveries = f"SELECT * FROM {webhooks} WHERE request_id = {p} ORDER BY delivery_id"
 
+        # -- uploads: a record is the upload's owner and expiry (JobStore.add_upload)
+        uploads = d.table("uploads")
+        self.add_upload = (
+            f"{d.insert_ignoring} {uploads} (file_key, owner, expires_at)"
+            f" VALUES ({p}, {p}, {p}){d.on_duplicate}"
+        )
+        self.upload_owner = f"SELECT owner FROM {uploads} WHERE file_key = {p} AND expires_at > {p}"
+        self.expired_uploads = (
+            f"SELECT file_key FROM {uploads} WHERE expires_at <= {p} ORDER BY expires_at LIMIT {p}"
+        )
+        self.forget_uploads = f"DELETE FROM {uploads} WHERE file_key {d.in_texts}"
+
         # -- secrets
         self.secret = f"SELECT value FROM {d.table('secrets')} WHERE name = {p}"
         self.keep_secret = (
@@ -247,7 +267,7 @@ class Statements:
         return (
             f"{n('request_id')}, {n('gateway_request_id')}, {n('app_id')}, {n('owner')}, {n('lane')},"
             f" {n('input')}, 'IN_QUEUE', {n('priority')}, {ticket}, {n('created_at')}, {n('start_deadline')},"
-            f" {n('no_retry')}, {n('webhook_url')}, {n('output_ttl')}"
+            f" {n('no_retry')}, {n('webhook_url')}, {n('output_ttl')}, {n('affinity')}"
         )
 
 
@@ -279,6 +299,7 @@ def new_job_params(job: NewJob, created_at: float) -> dict[str, Any]:
         "no_retry": job.no_retry,
         "webhook_url": job.webhook_url,
         "output_ttl": job.output_ttl_seconds,
+        "affinity": job.affinity,
     }
 
 

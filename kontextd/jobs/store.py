@@ -79,9 +79,18 @@ class JobStore(Protocol):
         """Entered on the event loop while the process serves: what poll() needs there (PostgreSQL: an
         async connection pool, made on the loop it runs on and closed before that loop ends)."""
 
-    def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
+    def claim(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+        lane: str = "local",
+        prefer: Collection[str] = (),
+    ) -> Job | None:
         """Take the next job of `lane` to run and mark it IN_PROGRESS under a lease (counting an attempt).
-        Jobs whose start deadline passed are completed as timed out on the way."""
+        Jobs whose start deadline passed are completed as timed out on the way. `prefer`: affinities this
+        worker is preferred for (NewJob.affinity); a queued job with one of them, of the head's priority
+        and at most lifecycle.AFFINITY_WINDOW tickets behind the head, is taken before the head."""
 
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
         """Extend a running job's lease to `now + lease_seconds`; False when the job is no longer this
@@ -143,6 +152,25 @@ class JobStore(Protocol):
         """Delete up to `limit` tombstones of jobs whose outputs expired before `expired_before`, with their
         logs and finished webhook deliveries (a delivery still to be tried keeps its job); returns how many.
         The job is then unknown."""
+
+    # Uploads: files clients stored through fal's storage API (kontextd.api.uploads), each its owner's input
+    # until it expires. The record is made before the file is stored: a crash in between leaves a record
+    # whose file is missing (deleting it is no error), never a file no sweep knows of.
+
+    def add_upload(self, key: str, owner: str, expires_at: float) -> None:
+        """Record that the upload `key` (kontextd.storage.keys.upload_key) is `owner`'s until `expires_at`;
+        recording the same key again keeps the first record (keys are random: only a retry repeats one)."""
+
+    def upload_owner(self, key: str, now: float) -> str | None:
+        """The owner of the upload `key` while it is kept (it expires after `now`); None when it is unknown
+        or its time is up, whether or not the sweep has deleted it yet."""
+
+    def expired_uploads(self, now: float, limit: int) -> list[str]:
+        """Up to `limit` keys of uploads whose time is up at `now` (the complement of upload_owner()), the
+        longest expired first: the sweep deletes their files, then forgets them."""
+
+    def forget_uploads(self, keys: Collection[str]) -> None:
+        """Delete these uploads' records (their files are gone); unknown keys are no error."""
 
     # Webhooks: a delivery is pending (next try at its due time), sending (a try in flight until a
     # deadline; past it the sender is presumed dead and it is due again), delivered or failed (given up).

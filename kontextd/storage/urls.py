@@ -79,9 +79,14 @@ class FileUrls:
             return url
         return f"{self._mode.rstrip('/')}/{key}"
 
+    def own_url(self, key: str, request_base: str) -> str:
+        """`<base>/files/<key>` whatever `--file-urls` says: what an upload's URL is. It is given back as an
+        input, so it must never expire (a presigned URL would) and key_of() must know it as ours."""
+        return f"{self.base(request_base)}/files/{key}"
+
     def key_of(self, url: str, request_base: str) -> str | None:
-        """The key when `url` names a file of ours (one of our outputs given back as an input), else None:
-        such files are read from storage, never fetched. Only the grammar of keys is accepted."""
+        """The key when `url` names a file of ours (one of our outputs or uploads given back as an input),
+        else None: such files are read from storage, never fetched. Only the grammar of keys is accepted."""
         prefixes = [f"{self.base(request_base)}/files/"]
         if self._mode not in MODES:
             prefixes.append(self._mode.rstrip("/") + "/")

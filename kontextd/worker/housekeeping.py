@@ -1,6 +1,6 @@
-"""Periodic chores: expire missed start deadlines, re-queue work of dead workers, delete expired outputs,
-and, a retention period later, the records left of those requests. Every node runs the loop; the store's
-deployment-wide turn makes each sweep happen once, on whichever node holds it."""
+"""Periodic chores: expire missed start deadlines, re-queue work of dead workers, delete expired outputs
+and uploads, and, a retention period later, the records left of those requests. Every node runs the loop;
+the store's deployment-wide turn makes each sweep happen once, on whichever node holds it."""
 
 import asyncio
 import logging
@@ -28,6 +28,7 @@ def sweep_once(
         "requeued": store.recover_abandoned(now, settle_seconds=lease_seconds),
         "expired": 0,
         "pruned": 0,
+        "uploads_expired": 0,
     }
     while expired := store.expired_outputs(now, BATCH):
         # Files first, a batch at a time: a crash in between deletes them again at the next sweep.
@@ -35,6 +36,10 @@ def sweep_once(
         for request_id, _ in expired:
             store.mark_output_expired(request_id)
         counts["expired"] += len(expired)
+    while uploads := store.expired_uploads(now, BATCH):
+        storage.delete(uploads)  # files first, as above: a record outlives its file, never the reverse
+        store.forget_uploads(uploads)
+        counts["uploads_expired"] += len(uploads)
     while pruned := store.prune_records(now - record_retention, BATCH):
         counts["pruned"] += pruned
     return counts

@@ -3,6 +3,7 @@
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from PIL import Image
@@ -37,6 +38,7 @@ STORAGE_PAUSE_FIRST = 1.0  # seconds a worker waits after images could not be st
 STORAGE_PAUSE_MAX = 60.0
 STORE_RETRY_SECONDS = 2.0  # progress writes skipped this long after the store failed to take one
 RECORD_RETRY_MAX = 10.0  # seconds between tries to record a request's end while the store is unavailable
+AFFINITIES_KEPT = 8  # the last affinities a worker ran, what it is preferred for: as many as LoRA sets loaded
 
 
 class Worker:
@@ -72,6 +74,9 @@ class Worker:
         # reads are skipped until this monotonic time, rather than each step waiting out its own timeout.
         self._store_retry_at = 0.0
         self.current: str | None = None  # the request running now, for the runtime's shutdown
+        # The affinities (runner hints, LoRA sets) of the last requests run, the latest last: the store
+        # hands this worker such requests first when they are close behind the head of the queue.
+        self._affinities: OrderedDict[str, None] = OrderedDict()
         # The heartbeat: one thread for the worker's life, told by `_beat` when the request running changes
         # (a thread a request would cost a start-up hand-off each time, under every other thread's load).
         self._beat = threading.Event()
@@ -87,10 +92,17 @@ class Worker:
     def _claim_and_run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                job = self._store.claim(self.worker_id, self._lease_seconds, time.time(), self.lane)
+                job = self._store.claim(
+                    self.worker_id,
+                    self._lease_seconds,
+                    time.time(),
+                    self.lane,
+                    prefer=tuple(self._affinities),
+                )
                 if job is not None:
                     self._notify(job.request_id)
                     self.run(job)
+                    self._ran(job.affinity)
                     continue
             except StoreUnavailable as error:  # disk full or busy: try again shortly, no traceback each time
                 log.warning("cannot claim work now", extra={"reason": str(error)})
@@ -98,6 +110,14 @@ class Worker:
                 log.exception("worker loop failed")
             self.wake.wait(timeout=1.0)
             self.wake.clear()
+
+    def _ran(self, affinity: str | None) -> None:
+        if affinity is None:
+            return
+        self._affinities[affinity] = None
+        self._affinities.move_to_end(affinity)
+        while len(self._affinities) > AFFINITIES_KEPT:
+            self._affinities.popitem(last=False)
 
     def storage_pause(self, request_failures: int = 0) -> float:
         """Seconds to hold a request whose images could not be stored before handing it back: doubling
