@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kontextd.backends import COMPILE_MODES, DEFAULT_MODEL
 from kontextd.backends.memory import OFFLOAD_MODES, WEIGHTS
+from kontextd.client import commands as client
 from kontextd.config import (
     DEFAULT_LORA_CACHE_BYTES,
     DEFAULT_LORA_MAX_BYTES,
@@ -306,6 +307,7 @@ def _parser() -> argparse.ArgumentParser:
         help="answer GET /health (loading, ready or failed, as the API does) on 127.0.0.1 at this port "
         "[KONTEXTD_HEALTH_PORT]",
     )
+    client.add_commands(commands)  # generate, status, result, cancel: a client of a running server
     return parser
 
 
@@ -324,7 +326,10 @@ def parse(argv: Sequence[str]) -> tuple[str, Settings]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    command, settings = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in client.COMMANDS:
+        sys.exit(client.main(_parser().parse_args(argv)))
+    command, settings = parse(argv)
     try:
         settings.check()
     except ValueError as error:
