@@ -39,6 +39,14 @@ def _add_http_flags(add: Callable[..., object]) -> None:
         "[KONTEXTD_API_KEYS, comma-separated]",
     )
     add(
+        "--admin-key",
+        action="append",
+        dest="admin_keys",
+        metavar="KEY",
+        help="an API key that also reads every key's usage (GET /v1/usage); repeatable "
+        "[KONTEXTD_ADMIN_KEYS, comma-separated]",
+    )
+    add(
         "--insecure",
         action="store_true",
         default=_env_flag("INSECURE"),
@@ -316,8 +324,9 @@ def parse(argv: Sequence[str]) -> tuple[str, Settings]:
     args = vars(_parser().parse_args(argv))
     command = args.pop("command")
     if command == "serve":
-        keys = args["api_keys"] or (_env("API_KEYS") or "").split(",")
-        args["api_keys"] = tuple(key.strip() for key in keys if key.strip())
+        for name in ("api_keys", "admin_keys"):
+            keys = args[name] or (_env(name.upper()) or "").split(",")
+            args[name] = tuple(key.strip() for key in keys if key.strip())
     args["safety_checker"] = not args.pop("no_safety_checker")
     args["webhook_backoff"] = tuple(
         float(part) for part in args["webhook_backoff"].split(",") if part.strip()

@@ -38,6 +38,7 @@ class Settings:
     weights: str = "bf16"
     compile: str = "auto"
     api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()  # API keys that also read every key's usage (GET /v1/usage)
     insecure: bool = False
     tls_self_signed: bool = False
     tls_cert: Path | None = None
@@ -88,7 +89,7 @@ class Settings:
 
     def check(self) -> None:
         """Refuse configurations that would be unsafe or cannot work, saying which setting and why."""
-        if not self.api_keys and not self.binds_only_loopback() and not self.insecure:
+        if not (self.api_keys or self.admin_keys) and not self.binds_only_loopback() and not self.insecure:
             raise ValueError(
                 f"--host {self.host}: refusing to serve beyond loopback with no API key configured. "
                 "Set --api-key (or KONTEXTD_API_KEYS), or pass --insecure to serve without authentication."

@@ -51,7 +51,9 @@ def client_environment(settings: Settings, ca_file: str | None) -> list[str]:
     lines += [
         f"export FAL_RUN_HOST={authority}{RUN_PREFIX}",
         f"export FAL_QUEUE_RUN_HOST={authority}",
-        "export FAL_KEY=<one of your --api-key values>" if settings.api_keys else "export FAL_KEY=local",
+        "export FAL_KEY=<one of your --api-key values>"
+        if settings.api_keys or settings.admin_keys
+        else "export FAL_KEY=local",
     ]
     return lines
 
@@ -151,7 +153,7 @@ def build_services(settings: Settings) -> tuple[Services, DataDir]:
             store=store,
             storage=storage,
             urls=urls,
-            authenticator=Authenticator(settings.api_keys),
+            authenticator=Authenticator(settings.api_keys, settings.admin_keys),
             signer=signer,
             # Deployment-wide, like the webhook key: any API node accepts an upload URL another one signed.
             uploads=UploadSigner(store.secret(UPLOAD_SIGNING_SECRET, UploadSigner.generate)),
@@ -196,7 +198,7 @@ def serve(settings: Settings) -> None:
             "set --public-url to the address clients use",
             extra={"base_url": settings.base_url},
         )
-    if not settings.api_keys:
+    if not (settings.api_keys or settings.admin_keys):
         log.warning("no API key configured: every client on the bound address can use this server")
     print(*client_instructions(settings, ca_file), sep="\n", flush=True)
     print(f"kontextd: serving on {settings.base_url} (API docs at {settings.base_url}/docs)", flush=True)

@@ -28,7 +28,7 @@ import pytest
 from bench.scratch_postgres import bulk
 from kontextd.jobs import lifecycle, outcomes
 from kontextd.jobs.lifecycle import MAX_FAILURES, MAX_INTERRUPTIONS, MAX_STORAGE_FAILURES
-from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Polled, Priority, Release, State
+from kontextd.jobs.model import CancelResult, Job, NewJob, Outcome, Polled, Priority, Release, State, Usage
 from kontextd.jobs.postgres import PostgresJobStore
 from kontextd.jobs.sqlite import POOL_SIZE, DataDirInUse, SQLiteJobStore
 from kontextd.jobs.store import JobStore, StoreUnavailable
@@ -1885,3 +1885,42 @@ def test_ping_answers_on_a_working_store(store: JobStore) -> None:
             await store.ping()
 
     asyncio.run(run())
+
+
+# -- usage ------------------------------------------------------------------------------------------------
+
+
+def used(owner: str, app_id: str, day: str, images: int = 1, seconds: float = 2.0) -> Usage:
+    return Usage(owner, app_id, day, 1, images, images * 1.048576, seconds)
+
+
+def test_usage_adds_up_per_key_endpoint_and_day(store: JobStore) -> None:
+    store.add_usage(used("alice", "app/a", "2026-12-01", images=2))
+    store.add_usage(
+        used("alice", "app/a", "2026-12-01", images=1, seconds=0.0)
+    )  # an upstream request: no GPU
+    store.add_usage(used("alice", "app/b", "2026-12-01"))
+    store.add_usage(used("bob", "app/a", "2026-12-02"))
+    store.add_usage(used("alice", "app/a", "2026-12-03"))
+    assert store.usage("2026-12-01", "2026-12-02") == [  # both days included, ordered day, key, endpoint
+        Usage("alice", "app/a", "2026-12-01", 2, 3, pytest.approx(3 * 1.048576), 2.0),
+        Usage("alice", "app/b", "2026-12-01", 1, 1, pytest.approx(1.048576), 2.0),
+        Usage("bob", "app/a", "2026-12-02", 1, 1, pytest.approx(1.048576), 2.0),
+    ]
+    assert [u.day for u in store.usage("2026-12-02", "2026-12-03", owner="alice")] == ["2026-12-03"]
+    assert store.usage("2026-12-04", "2026-12-31") == []
+
+
+def test_concurrent_usage_adds_are_all_counted(store: JobStore) -> None:
+    threads = [
+        threading.Thread(
+            target=lambda: [store.add_usage(used("alice", "app/a", "2026-12-01")) for _ in range(10)]
+        )
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (total,) = store.usage("2026-12-01", "2026-12-01")
+    assert (total.requests, total.images, total.gpu_seconds) == (40, 40, pytest.approx(80.0))

@@ -22,8 +22,15 @@ def owner_id(key: str) -> str:
 
 
 class Authenticator:
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self._keys = [(key.encode(), owner_id(key)) for key in keys]
+    def __init__(self, keys: tuple[str, ...], admin_keys: tuple[str, ...] = ()) -> None:
+        # An admin key is an API key too; it also reads every key's usage (GET /v1/usage).
+        self._keys = [(key.encode(), owner_id(key)) for key in dict.fromkeys(keys + admin_keys)]
+        self._admins = frozenset(owner_id(key) for key in admin_keys)
+
+    def is_admin(self, owner: str) -> bool:
+        """Whether `owner` may read every key's usage: an admin key's, or anyone on a server with no keys
+        (one user: everything is theirs)."""
+        return owner in self._admins or owner == ANONYMOUS
 
     def owner_for(self, authorization: str | None) -> str | None:
         """The owner id for a header value, None when it carries no valid key."""

@@ -52,6 +52,19 @@ class NewJob:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What one key's requests to one endpoint used on one day (UTC): the figures GET /v1/usage reports."""
+
+    owner: str
+    app_id: str
+    day: str  # YYYY-MM-DD, UTC
+    requests: int  # completed with images
+    images: int
+    megapixels: float
+    gpu_seconds: float  # on this deployment's GPUs (local lanes); upstream APIs bill their own
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How a request ended: the HTTP status and body its result URL serves, and what status reports."""
 

@@ -141,6 +141,15 @@ MIGRATIONS: list[str] = [
     """,
     # 4: what a worker that ran such a job before is preferred for (JobStore.claim's `prefer`).
     "ALTER TABLE kontextd_jobs ADD COLUMN affinity text;",
+    # 5: what each key's completed requests used, per endpoint and day (JobStore.add_usage).
+    """
+    CREATE TABLE kontextd_usage (
+        owner text NOT NULL, app_id text NOT NULL, day text NOT NULL, requests bigint NOT NULL,
+        images bigint NOT NULL, megapixels double precision NOT NULL, gpu_seconds double precision NOT NULL,
+        PRIMARY KEY (owner, app_id, day)
+    );
+    CREATE INDEX kontextd_usage_day ON kontextd_usage (day);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)  # what this node knows
 

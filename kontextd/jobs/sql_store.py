@@ -31,6 +31,7 @@ from kontextd.jobs.model import (
     Priority,
     Release,
     State,
+    Usage,
     WebhookDelivery,
 )
 
@@ -331,6 +332,33 @@ class SqlJobStore(abc.ABC):
         with self._read() as connection:
             found = connection.execute(self._sql.expired_uploads, (now, limit)).fetchall()
         return [str(row["file_key"]) for row in found]
+
+    # -- usage -----------------------------------------------------------------------------------------
+
+    def add_usage(self, usage: Usage) -> None:
+        # One statement, atomic by itself: concurrent workers add to the same row without losing a count.
+        figures = (usage.requests, usage.images, usage.megapixels, usage.gpu_seconds)
+        with self._write_one() as connection:
+            connection.execute(self._sql.add_usage, (usage.owner, usage.app_id, usage.day, *figures))
+
+    def usage(self, since: str, until: str, owner: str | None = None) -> list[Usage]:
+        with self._read() as connection:
+            if owner is None:
+                found = connection.execute(self._sql.usage, (since, until)).fetchall()
+            else:
+                found = connection.execute(self._sql.usage_of, (since, until, owner)).fetchall()
+        return [
+            Usage(
+                str(row["owner"]),
+                str(row["app_id"]),
+                str(row["day"]),
+                int(row["requests"]),
+                int(row["images"]),
+                float(row["megapixels"]),
+                float(row["gpu_seconds"]),
+            )
+            for row in found
+        ]
 
     def forget_uploads(self, keys: Collection[str]) -> None:
         if not keys:

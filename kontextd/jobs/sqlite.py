@@ -96,6 +96,14 @@ CREATE TABLE IF NOT EXISTS uploads (
     file_key TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS uploads_expiry ON uploads(expires_at);
+-- What each key's completed requests used, per endpoint and day (JobStore.add_usage): kept apart from the
+-- jobs, which are pruned.
+CREATE TABLE IF NOT EXISTS usage (
+    owner TEXT NOT NULL, app_id TEXT NOT NULL, day TEXT NOT NULL, requests INTEGER NOT NULL,
+    images INTEGER NOT NULL, megapixels REAL NOT NULL, gpu_seconds REAL NOT NULL,
+    PRIMARY KEY (owner, app_id, day)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_day ON usage(day);
 """
 
 # Columns added since the first release, as (table, column, definition). SCHEMA above is the first

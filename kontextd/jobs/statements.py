@@ -248,6 +248,19 @@ class Statements:
             f"SELECT file_key FROM {uploads} WHERE expires_at <= {p} ORDER BY expires_at LIMIT {p}"
         )
         self.forget_uploads = f"DELETE FROM {uploads} WHERE file_key {d.in_texts}"
+        # -- usage: totals per (owner, app id, day), added to by each completed request
+        usage = d.table("usage")
+        self.add_usage = (
+            f"INSERT INTO {usage} (owner, app_id, day, requests, images, megapixels, gpu_seconds)"
+            f" VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}) ON CONFLICT (owner, app_id, day) DO UPDATE SET"
+            f" requests = {usage}.requests + excluded.requests, images = {usage}.images + excluded.images,"
+            f" megapixels = {usage}.megapixels + excluded.megapixels,"
+            f" gpu_seconds = {usage}.gpu_seconds + excluded.gpu_seconds"
+        )
+        usage_columns = "owner, app_id, day, requests, images, megapixels, gpu_seconds"
+        self.usage = f"SELECT {usage_columns} FROM {usage} WHERE day >= {p} AND day <= {p}"
+        self.usage_of = f"{self.usage} AND owner = {p} ORDER BY day, owner, app_id"
+        self.usage += " ORDER BY day, owner, app_id"
 
         # -- secrets
         self.secret = f"SELECT value FROM {d.table('secrets')} WHERE name = {p}"

@@ -30,6 +30,7 @@ from kontextd.jobs.model import (
     Polled,
     Release,
     State,
+    Usage,
     WebhookDelivery,
 )
 
@@ -168,6 +169,18 @@ class JobStore(Protocol):
     def expired_uploads(self, now: float, limit: int) -> list[str]:
         """Up to `limit` keys of uploads whose time is up at `now` (the complement of upload_owner()), the
         longest expired first: the sweep deletes their files, then forgets them."""
+
+    # Usage: what each key's completed requests used, per endpoint and day (kontextd.api.usage). Kept apart
+    # from the jobs, which are pruned after their retention, so an operator can bill from it.
+
+    def add_usage(self, usage: Usage) -> None:
+        """Add one completed request's figures (`usage.requests` is 1) to its key's, endpoint's and day's
+        totals. Made by the worker after the request's end is recorded: a crash in between undercounts
+        one request, never counts one twice."""
+
+    def usage(self, since: str, until: str, owner: str | None = None) -> list[Usage]:
+        """The totals of each (key, endpoint, day) from day `since` to day `until`, both included
+        (YYYY-MM-DD), for `owner` only when given, ordered by day, key and endpoint."""
 
     def forget_uploads(self, keys: Collection[str]) -> None:
         """Delete these uploads' records (their files are gone); unknown keys are no error."""

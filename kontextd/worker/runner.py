@@ -21,8 +21,9 @@ from kontextd.backends.base import (
 from kontextd.catalogue.endpoints import BY_APP_ID, generation_job
 from kontextd.jobs import outcomes
 from kontextd.jobs.lifecycle import MAX_STORAGE_FAILURES
-from kontextd.jobs.model import Job, Outcome, Release, State
+from kontextd.jobs.model import Job, Outcome, Release, State, Usage
 from kontextd.jobs.store import JobStore, StoreUnavailable
+from kontextd.routing import LOCAL
 from kontextd.safety.checker import SafetyChecker, tolerance_of
 from kontextd.shown import shown_text
 from kontextd.storage.base import Storage, StorageUnavailable
@@ -143,6 +144,8 @@ class Worker:
             state = self._record(job, ending)
         finally:
             self._running(None)
+        if state is State.COMPLETED and isinstance(ending, Outcome) and ending.ok:
+            self._add_usage(job, ending)
         fields: dict[str, object] = {"request_id": job.request_id, "state": state}
         if isinstance(ending, Release):
             fields["released"] = ending.value
@@ -180,6 +183,20 @@ class Worker:
         else:
             self._log(job.request_id, f"Request failed: {outcome.error}", "ERROR")
         return outcome
+
+    def _add_usage(self, job: Job, outcome: Outcome) -> None:
+        """Count the completed request in its key's usage, once its end is recorded (so a re-run never
+        counts it twice); best effort: a store that cannot take it now loses this request's figures."""
+        images = [image for image in outcome.body.get("images", []) if isinstance(image, dict)]
+        pixels = sum(int(image.get("width", 0)) * int(image.get("height", 0)) for image in images)
+        # GPU seconds are this deployment's: an upstream API's time is billed by that API.
+        seconds = float(outcome.metrics.get("inference_time", 0.0)) if self.lane == LOCAL else 0.0
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        usage = Usage(job.owner, job.app_id, day, 1, len(images), pixels / 1_000_000, seconds)
+        try:
+            self._store.add_usage(usage)
+        except StoreUnavailable as error:
+            log.warning("usage not counted", extra={"request_id": job.request_id, "reason": str(error)})
 
     def _record(self, job: Job, ending: Outcome | Release) -> State | None:
         """Record the end in the store, retrying while it cannot take writes. None: the job was no longer

@@ -1,0 +1,115 @@
+"""GET /v1/usage: what the calling key used (every key's, for an admin key), by endpoint and day.
+
+What an operator reselling access bills from: requests completed with images, images, megapixels and
+seconds on this deployment's GPUs, per (key, endpoint, UTC day), kept apart from the jobs (which are
+pruned) by the job store. Keys are shown by their owner id (`key-<hash>`), never themselves.
+"""
+
+import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from kontextd.api.deps import Owner, ServicesDep
+from kontextd.api.responses import BAD_PARAMETER, UNAUTHORIZED
+from kontextd.jobs.model import Usage
+
+DEFAULT_DAYS = 30
+MAX_DAYS = 366
+SINCE = f"First day (UTC), included. Default: {DEFAULT_DAYS} days before until."
+
+
+class UsageRow(BaseModel):
+    day: str = Field(description="The UTC day, YYYY-MM-DD.")
+    owner: str = Field(description="The key, by its owner id (key-…): never the key itself.")
+    app_id: str
+    requests: int = Field(description="Requests completed with images.")
+    images: int
+    megapixels: float
+    gpu_seconds: float = Field(description="Seconds of inference on this deployment's GPUs (0 upstream).")
+
+
+class UsageTotals(BaseModel):
+    requests: int
+    images: int
+    megapixels: float
+    gpu_seconds: float
+
+
+class UsageReport(BaseModel):
+    owner: str = Field(description="The calling key's owner id.")
+    admin: bool = Field(description="Whether the report covers every key (an admin key).")
+    since: datetime.date
+    until: datetime.date
+    usage: list[UsageRow] = Field(description="Per day, key and endpoint, in that order.")
+    totals: UsageTotals
+
+
+def _totals(rows: list[Usage]) -> UsageTotals:
+    return UsageTotals(
+        requests=sum(row.requests for row in rows),
+        images=sum(row.images for row in rows),
+        megapixels=round(sum(row.megapixels for row in rows), 6),
+        gpu_seconds=round(sum(row.gpu_seconds for row in rows), 3),
+    )
+
+
+async def usage(
+    services: ServicesDep,
+    owner: Owner,
+    since: Annotated[datetime.date | None, Query(description=SINCE)] = None,
+    until: Annotated[
+        datetime.date | None, Query(description="Last day (UTC), included. Default: today.")
+    ] = None,
+    of: Annotated[
+        str | None,
+        Query(alias="owner", max_length=64, description="Admin keys: only this owner id's usage."),
+    ] = None,
+) -> UsageReport:
+    today = datetime.datetime.now(datetime.UTC).date()
+    until = until or today
+    since = since or until - datetime.timedelta(days=DEFAULT_DAYS - 1)
+    if since > until or (until - since).days >= MAX_DAYS:
+        raise HTTPException(422, f"since must be on or before until, at most {MAX_DAYS} days apart")
+    admin = services.authenticator.is_admin(owner)
+    if of is not None and not admin and of != owner:
+        raise HTTPException(403, "Only an admin key reads another key's usage")
+    whose = of if of is not None else (None if admin else owner)
+    rows = await run_in_threadpool(services.store.usage, since.isoformat(), until.isoformat(), whose)
+    return UsageReport(
+        owner=owner,
+        admin=admin,
+        since=since,
+        until=until,
+        usage=[
+            UsageRow(
+                day=row.day,
+                owner=row.owner,
+                app_id=row.app_id,
+                requests=row.requests,
+                images=row.images,
+                megapixels=round(row.megapixels, 6),
+                gpu_seconds=round(row.gpu_seconds, 3),
+            )
+            for row in rows
+        ],
+        totals=_totals(rows),
+    )
+
+
+router = APIRouter()
+router.add_api_route(
+    "/v1/usage",
+    usage,
+    methods=["GET"],
+    tags=["server"],
+    summary="Usage of the calling key (every key's for an admin key), by endpoint and day",
+    response_model=UsageReport,
+    responses={
+        **UNAUTHORIZED,
+        403: {"description": "Another key's usage asked for without an admin key"},
+        **BAD_PARAMETER,
+    },
+)
