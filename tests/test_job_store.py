@@ -1924,3 +1924,26 @@ def test_concurrent_usage_adds_are_all_counted(store: JobStore) -> None:
         thread.join()
     (total,) = store.usage("2026-12-01", "2026-12-01")
     assert (total.requests, total.images, total.gpu_seconds) == (40, 40, pytest.approx(80.0))
+
+
+# -- previews ---------------------------------------------------------------------------------------------
+
+
+def test_a_running_jobs_preview_is_kept_for_it_alone_until_it_ends(store: JobStore) -> None:
+    now = time.time()
+    store.submit(new_job("a"))
+    assert store.preview("a") is None  # queued: none
+    assert store.set_preview("a", "worker-a", "data:image/jpeg;base64,AA") is False  # not running yet
+    claim(store, now, "worker-a")
+    assert store.set_preview("a", "worker-b", "data:image/jpeg;base64,BB") is False  # not its worker
+    assert store.set_preview("a", "worker-a", "data:image/jpeg;base64,CC") is True
+    assert store.preview("a") == "data:image/jpeg;base64,CC"
+    assert store.set_preview("a", "worker-a", "data:image/jpeg;base64,DD") is True
+    assert store.preview("a") == "data:image/jpeg;base64,DD"  # the latest only
+    assert store.release("a", "worker-a", Release.SHUTDOWN, now) is State.IN_QUEUE
+    claim(store, now, "worker-b")
+    assert store.preview("a") is None  # a new run starts without the last one's
+    store.set_preview("a", "worker-b", "data:image/jpeg;base64,EE")
+    store.complete("a", outcomes.succeeded({"images": []}, 1.0, (), "tiny"), now, worker_id="worker-b")
+    assert store.preview("a") is None
+    assert store.preview("unknown") is None

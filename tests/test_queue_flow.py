@@ -808,6 +808,30 @@ def test_status_stream(fal: Fal, image_host: LoopbackServer) -> None:
     assert events[0]["logs"] is None
 
 
+def test_previews_come_on_the_status_stream_only_when_asked(fal: Fal) -> None:
+    body = {
+        "prompt": "previewed",
+        "image_url": "data:image/png;base64," + base64.b64encode(png_bytes(64, 64)).decode(),
+    }
+    envelope = fal.submit(DEV, body | {"num_inference_steps": 12, "seed": 3})
+    with fal.client.stream("GET", envelope["status_url"] + "/stream", params={"previews": "1"}) as response:
+        events = read_events(response)
+    previews = [event["preview"] for event in events if "preview" in event]
+    # After steps 4 and 8 of 12, not after the last (the image comes then); a stream woken late may see
+    # only the later of the two, as with any change it coalesces.
+    assert 1 <= len(set(previews)) <= 2
+    for preview in previews:
+        image = decode_data_uri(preview, "image/jpeg")
+        assert image.size == (16, 16)  # the latent grid: 1/8 of the tiny model's 128x128
+    assert all(event["status"] == "IN_PROGRESS" for event in events if "preview" in event)
+    assert "preview" not in events[-1]  # finished: the output is the image now
+
+    plain = fal.submit(DEV, body | {"num_inference_steps": 12, "seed": 3})
+    with fal.client.stream("GET", plain["status_url"] + "/stream", params={"logs": "1"}) as response:
+        assert all("preview" not in event for event in read_events(response))  # what fal clients get
+    assert "preview" not in fal.status(plain).json()
+
+
 # -- the run route, input images ----------------------------------------------------------------------
 
 

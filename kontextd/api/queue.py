@@ -61,6 +61,13 @@ LogsFlag = Annotated[
     Literal["1", "0", "true", "false"] | None,
     Query(description="Include the request's log lines: 1|0|true|false."),
 ]
+PreviewsFlag = Annotated[
+    Literal["1", "0", "true", "false"] | None,
+    Query(
+        description="Include live previews while it runs: `preview`, a small JPEG data URI of the image "
+        "being made, every few steps of the local model (not a fal field: absent unless asked for)."
+    ),
+]
 
 
 def _invalid(location: str, name: str, message: str, value: Any) -> RequestValidationError:
@@ -185,7 +192,13 @@ async def _wait_until_completed(services: Services, request_id: str, owner: str)
 
 
 async def _status_events(
-    services: Services, base: str, app_owner: str, app_alias: str, request_id: str, with_logs: bool
+    services: Services,
+    base: str,
+    app_owner: str,
+    app_alias: str,
+    request_id: str,
+    with_logs: bool,
+    with_previews: bool = False,
 ) -> AsyncIterator[str]:
     """A request's status as server-sent events: `data: <status JSON>` each time it changes, until it has
     ended; `: ping` comments in between keep the connection alive."""
@@ -210,6 +223,10 @@ async def _status_events(
             waiter.cancel()
             return
         current, body = found
+        if with_previews and current.state == State.IN_PROGRESS:
+            preview = await _read(services, services.store.preview, request_id)
+            if preview is not None:
+                body = body | {"preview": preview}
         if body != last_sent:
             yield f"data: {json.dumps(body)}\n\n"
             last_sent, last_write = body, time.monotonic()
@@ -447,11 +464,13 @@ async def stream(
     services: ServicesDep,
     owner: Owner,
     logs: LogsFlag = None,
+    previews: PreviewsFlag = None,
 ) -> StreamingResponse | JSONResponse:
     if await _read(services, _find, services, app_owner, app_alias, request_id, owner) is None:
         return JSONResponse(NOT_FOUND, status_code=404)
     base = _base_url(services, request)
-    events = _status_events(services, base, app_owner, app_alias, request_id, logs in ("1", "true"))
+    wanted = logs in ("1", "true"), previews in ("1", "true")
+    events = _status_events(services, base, app_owner, app_alias, request_id, *wanted)
     return _event_stream(events, request_id)
 
 

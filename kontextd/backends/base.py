@@ -140,6 +140,10 @@ class Progress(Protocol):
     def log(self, message: str) -> None:
         """A line for the request's logs (queue position upstream, retries, …)."""
 
+    def preview(self, image: Image.Image) -> None:
+        """A rough look at the image being made (kontextd.backends.previews), for status streams that ask
+        for previews; best effort, and never the output itself."""
+
     def cancelled(self) -> bool:
         """True once the client asked to cancel, or the request is being handed back (the server stops):
         stop and raise GenerationCancelled."""
@@ -170,6 +174,9 @@ class QuietProgress:
         pass
 
     def log(self, message: str) -> None:
+        pass
+
+    def preview(self, image: Image.Image) -> None:
         pass
 
     def cancelled(self) -> bool:

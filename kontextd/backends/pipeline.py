@@ -22,6 +22,7 @@ from kontextd.backends.base import (
 from kontextd.backends.errors import BackendUnavailable
 from kontextd.backends.lora_adapters import LoraAdapters
 from kontextd.backends.lora_files import LoraFiles
+from kontextd.backends.previews import latent_preview, wants_preview
 from kontextd.backends.references import reference_image
 from kontextd.catalogue.resolutions import output_size, scaled
 
@@ -106,6 +107,8 @@ class KontextPipelineBackend:
             remaining = self._min_step_seconds - (time.perf_counter() - step_started)
             if remaining > 0:
                 time.sleep(remaining)
+            if wants_preview(step + 1, job.num_inference_steps):
+                progress.preview(latent_preview(tensors["latents"], height, width, self._multiple // 2))
             progress.step(step + 1, job.num_inference_steps)
             step_started = time.perf_counter()
             return tensors

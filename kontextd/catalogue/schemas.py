@@ -441,3 +441,8 @@ class QueueStatus(BaseModel):
     queue_position: int | None = Field(None, description="While IN_QUEUE: how many run first (0 = next).")
     error: str | None = Field(None, description="When COMPLETED with a failure: what went wrong.")
     error_type: str | None = Field(None, description="When COMPLETED with a failure: e.g. request_timeout.")
+    preview: str | None = Field(
+        None,
+        description="Status streams asked with ?previews=1, while it runs on the local model: a small JPEG "
+        "data URI of the image being made (a rough look at the latents, every few steps).",
+    )

@@ -150,6 +150,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX kontextd_usage_day ON kontextd_usage (day);
     """,
+    # 6: the running job's latest preview, a small JPEG data URI (JobStore.set_preview); NULL otherwise.
+    "ALTER TABLE kontextd_jobs ADD COLUMN preview text;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)  # what this node knows
 
@@ -227,7 +229,8 @@ _CLAIM_HEAD = f"""
         ORDER BY priority, ticket LIMIT 1 FOR UPDATE SKIP LOCKED
     ), started AS (
         UPDATE kontextd_jobs AS job SET state = 'IN_PROGRESS', worker_id = %(worker_id)s,
-            lease_expires_at = %(lease_expires_at)s, started_at = %(now)s, attempts = job.attempts + 1
+            lease_expires_at = %(lease_expires_at)s, started_at = %(now)s, attempts = job.attempts + 1,
+            preview = NULL
         FROM head WHERE job.request_id = head.request_id
             AND (head.start_deadline IS NULL OR head.start_deadline >= %(now)s)
         RETURNING job.*

@@ -167,6 +167,19 @@ class SqlJobStore(abc.ABC):
             cursor = connection.execute(self._sql.renew_lease, (now + lease_seconds, request_id, worker_id))
             return cursor.rowcount == 1
 
+    def set_preview(self, request_id: str, worker_id: str, preview: str) -> bool:
+        with self._write() as transaction:
+            cursor = transaction.execute(self._sql.set_preview, (preview, request_id, worker_id))
+            if cursor.rowcount != 1:
+                return False
+            transaction.changed(request_id)  # announced: a status stream asking for previews wakes
+            return True
+
+    def preview(self, request_id: str) -> str | None:
+        with self._read() as connection:
+            row = connection.execute(self._sql.preview, (request_id,)).fetchone()
+        return None if row is None else row["preview"]
+
     def checkpoint(self, request_id: str, worker_id: str, name: str, value: str) -> bool:
         with self._write_one() as connection:
             cursor = connection.execute(self._sql.checkpoint, (name, value, request_id, worker_id))

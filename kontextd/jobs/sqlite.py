@@ -120,6 +120,8 @@ MIGRATIONS: list[tuple[str, str, str]] = [
     ("jobs", "checkpoints_json", "TEXT"),
     # What a worker that ran such a job before is preferred for (JobStore.claim's `prefer`).
     ("jobs", "affinity", "TEXT"),
+    # The running job's latest preview, a small JPEG data URI (JobStore.set_preview); NULL otherwise.
+    ("jobs", "preview", "TEXT"),
 ]
 
 _SQL = statements.Statements(statements.SQLITE)  # what this store runs as the PostgreSQL one does

@@ -133,7 +133,7 @@ class Statements:
         )
         self.start = (
             f"UPDATE {jobs} SET state = 'IN_PROGRESS', worker_id = {p}, lease_expires_at = {p},"
-            f" started_at = {p}, attempts = attempts + 1 WHERE request_id = {p} RETURNING *"
+            f" started_at = {p}, attempts = attempts + 1, preview = NULL WHERE request_id = {p} RETURNING *"
         )
         self.renew_lease = (
             f"UPDATE {jobs} SET lease_expires_at = {p} WHERE request_id = {p} AND worker_id = {p}"
@@ -142,8 +142,14 @@ class Statements:
         self.finish = (  # parameters: finish_params(); ends with its WHERE, which a store may narrow
             f"UPDATE {jobs} SET state = 'COMPLETED', completed_at = {p}, outcome_json = {p},"
             f" result_json = {p}, expires_at = {p} + output_ttl, worker_id = NULL, lease_expires_at = NULL,"
-            f" checkpoints_json = NULL WHERE request_id = {p}"
+            f" checkpoints_json = NULL, preview = NULL WHERE request_id = {p}"
         )
+        # The running job's latest preview, by the worker running it only (JobStore.set_preview).
+        self.set_preview = (
+            f"UPDATE {jobs} SET preview = {p} WHERE request_id = {p} AND worker_id = {p}"
+            " AND state = 'IN_PROGRESS'"
+        )
+        self.preview = f"SELECT preview FROM {jobs} WHERE request_id = {p} AND state = 'IN_PROGRESS'"
         self.queue_webhook = (  # parameters: webhook_params()
             f"INSERT INTO {webhooks} (request_id, url, user_id, body, next_attempt_at)"
             f" VALUES ({p}, {p}, {p}, {p}, {p})"

@@ -93,6 +93,15 @@ class JobStore(Protocol):
         worker is preferred for (NewJob.affinity); a queued job with one of them, of the head's priority
         and at most lifecycle.AFFINITY_WINDOW tickets behind the head, is taken before the head."""
 
+    def set_preview(self, request_id: str, worker_id: str, preview: str) -> bool:
+        """Keep `preview` (a small image data URI) as the running job's latest, announced like any change
+        so status streams asking for previews wake; False when the job is no longer this worker's
+        running job. Cleared when the job starts and when it ends."""
+
+    def preview(self, request_id: str) -> str | None:
+        """The running job's latest preview; None when it has none or is not running. The caller has
+        checked that the job is the asker's."""
+
     def renew_lease(self, request_id: str, worker_id: str, lease_seconds: float, now: float) -> bool:
         """Extend a running job's lease to `now + lease_seconds`; False when the job is no longer this
         worker's. A worker renews well within the lease for as long as the request runs."""

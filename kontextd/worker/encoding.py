@@ -20,5 +20,12 @@ def encode_image(image: Image.Image, output_format: str) -> bytes:
     return buffer.getvalue()
 
 
+def preview_uri(image: Image.Image) -> str:
+    """A live preview as the status stream sends it: a small JPEG, rough on purpose (quality 70)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=70)
+    return data_uri(buffer.getvalue(), "image/jpeg")
+
+
 def data_uri(data: bytes, content_type: str) -> str:
     return f"data:{content_type};base64,{base64.b64encode(data).decode()}"

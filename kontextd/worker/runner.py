@@ -29,7 +29,7 @@ from kontextd.shown import shown_text
 from kontextd.storage.base import Storage, StorageUnavailable
 from kontextd.storage.keys import output_key
 from kontextd.storage.urls import KEY_FIELD
-from kontextd.worker.encoding import CONTENT_TYPES, EXTENSIONS, data_uri, encode_image
+from kontextd.worker.encoding import CONTENT_TYPES, EXTENSIONS, data_uri, encode_image, preview_uri
 
 log = logging.getLogger("kontextd.worker")
 
@@ -349,6 +349,17 @@ class Worker:
         """The server is stopping and the client did not cancel: the request goes back to the queue."""
         return self._stop.is_set() and not self.cancel_requested(request_id)
 
+    def preview(self, request_id: str, image: Image.Image) -> None:
+        """Keep the running request's latest preview, for status streams that ask: best effort, skipped
+        while the store cannot take writes (a preview lost is replaced a few steps later)."""
+        if self._store_down():
+            return
+        try:
+            if self._store.set_preview(request_id, self.worker_id, preview_uri(image)):
+                self._notify(request_id)
+        except StoreUnavailable:
+            self._store_failed()
+
     def checkpoint(self, request_id: str, name: str, value: str) -> None:
         """Keep an upstream task's handle for a re-run; when the store cannot take it now, a re-run starts
         that task anew (said once here, not retried: the task goes on meanwhile)."""
@@ -409,6 +420,9 @@ class RequestProgress:
 
     def log(self, message: str) -> None:
         self._worker._log(self._request_id, message)
+
+    def preview(self, image: Image.Image) -> None:
+        self._worker.preview(self._request_id, image)
 
     def cancelled(self) -> bool:
         """The client cancelled, or the server is stopping: either way the backend stops between steps."""

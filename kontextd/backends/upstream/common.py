@@ -36,6 +36,9 @@ class ProgressView:
     def log(self, message: str) -> None:
         self._progress.log(message)
 
+    def preview(self, image: Image.Image) -> None:
+        self._progress.preview(image)
+
     def cancelled(self) -> bool:
         return self._progress.cancelled()
 
