@@ -15,6 +15,8 @@ import httpx
 import pytest
 from conftest import KontextdServer, free_port, png_bytes, wait_for
 
+from kontextd.catalogue.endpoints import ENDPOINTS
+
 ALPHA = "alpha-k3y-5f2c9e"
 BETA = "beta-k3y-8d41a7"
 GAMMA = "gamma-k3y-b07e13"
@@ -138,7 +140,7 @@ def test_endpoint_listing_needs_a_key(keyed: KontextdServer) -> None:
     with keyed.client() as http:
         assert http.get("/v1/endpoints").status_code == 401
         listed = http.get("/v1/endpoints", headers=auth(f"Key {ALPHA}"))
-        assert listed.status_code == 200 and len(listed.json()["endpoints"]) == 5
+        assert listed.status_code == 200 and len(listed.json()["endpoints"]) == len(ENDPOINTS)
 
 
 def submit_and_cancel(server: KontextdServer, submit_with: str, follow_with: str) -> dict[str, Any]:

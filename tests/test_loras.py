@@ -325,6 +325,27 @@ def test_lora_fields_are_validated_at_submit(
     assert (detail["loc"], detail["type"]) == (loc, kind)
 
 
+@pytest.mark.parametrize(("strength", "accepted"), [(1e-300, False), (0, False), (0.01, True), (1, True)])
+def test_an_inpaint_strength_must_leave_a_denoising_step(
+    api: httpx.Client, image_host: LoopbackServer, strength: float, accepted: bool
+) -> None:
+    url = f"{image_host.url}/wide.png"
+    body = {
+        "prompt": "p",
+        "image_url": url,
+        "mask_url": url,
+        "reference_image_url": url,
+        "strength": strength,
+    }
+    response = api.post(f"/{LORA_INPAINT}", json=body | {"num_inference_steps": 10})
+    if accepted:
+        assert response.status_code == 200, response.text
+        assert "error" not in wait_completed(api, response.json()["status_url"])  # one step at least ran
+        return
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "strength"]
+
+
 def test_four_loras_and_scale_bounds_are_accepted(api: httpx.Client, image_host: LoopbackServer) -> None:
     body = edit(image_host, [{"path": "house-style", "scale": 0}, {"path": "house-style", "scale": 4}] * 2)
     response = api.post(f"/{LORA_EDIT}", json=body)

@@ -8,8 +8,9 @@ pruned) by the job store. Keys are shown by their owner id (`key-<hash>`), never
 import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 
 from kontextd.api.deps import Owner, ServicesDep
@@ -65,19 +66,28 @@ async def usage(
     ] = None,
     of: Annotated[
         str | None,
-        Query(alias="owner", max_length=64, description="Admin keys: only this owner id's usage."),
+        Query(
+            alias="owner",
+            max_length=64,
+            description="Only this owner id's usage: any key for an admin key, else the caller's own "
+            "(another's is empty).",
+        ),
     ] = None,
 ) -> UsageReport:
     today = datetime.datetime.now(datetime.UTC).date()
     until = until or today
     since = since or until - datetime.timedelta(days=DEFAULT_DAYS - 1)
     if since > until or (until - since).days >= MAX_DAYS:
-        raise HTTPException(422, f"since must be on or before until, at most {MAX_DAYS} days apart")
+        message = f"must be on or before until, at most {MAX_DAYS} days before it"
+        error = {"loc": ["query", "since"], "msg": message, "type": "value_error", "input": since.isoformat()}
+        raise RequestValidationError([error])
     admin = services.authenticator.is_admin(owner)
-    if of is not None and not admin and of != owner:
-        raise HTTPException(403, "Only an admin key reads another key's usage")
-    whose = of if of is not None else (None if admin else owner)
-    rows = await run_in_threadpool(services.store.usage, since.isoformat(), until.isoformat(), whose)
+    # Another key's usage, asked for without an admin key, is none at all: it looks like a key that used
+    # nothing, as another key's request looks like an unknown one.
+    rows = []
+    if admin or of is None or of == owner:
+        whose = of if of is not None else (None if admin else owner)
+        rows = await run_in_threadpool(services.store.usage, since.isoformat(), until.isoformat(), whose)
     return UsageReport(
         owner=owner,
         admin=admin,
@@ -109,7 +119,6 @@ router.add_api_route(
     response_model=UsageReport,
     responses={
         **UNAUTHORIZED,
-        403: {"description": "Another key's usage asked for without an admin key"},
         **BAD_PARAMETER,
     },
 )

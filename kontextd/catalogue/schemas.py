@@ -10,6 +10,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -389,6 +390,16 @@ class LoraInpaintInput(_LoraFields):
     )
 
     _image_urls = field_validator("image_url", "mask_url", "reference_image_url")(_check_image_url)
+
+    @field_validator("strength")
+    @classmethod
+    def _makes_a_step(cls, strength: float, info: ValidationInfo) -> float:
+        # The pipeline runs the last strength x steps of the schedule, rounded as below; a strength so small
+        # that rounding leaves none (1e-300, say) would fail there, after the request was accepted.
+        steps = info.data.get("num_inference_steps")
+        if isinstance(steps, int) and steps - int(max(steps - steps * strength, 0)) < 1:
+            raise PydanticCustomError("value_error", "strength is too small to make any denoising step")
+        return strength
 
 
 class Image(BaseModel):
