@@ -99,6 +99,13 @@ def _add_work_flags(add: Callable[..., object]) -> None:
         help="SQLite database, stored images, webhook key and TLS files [KONTEXTD_DATA_DIR]",
     )
     add(
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", "0")) or None,
+        help="also serve Prometheus /metrics on 127.0.0.1 at this port, without an API key (the API's "
+        "own /metrics takes one when keys are set) [KONTEXTD_METRICS_PORT]",
+    )
+    add(
         "--public-url",
         default=_env("PUBLIC_URL"),
         help="base of the URLs handed to clients, e.g. https://kontext.example.com (default: the origin "

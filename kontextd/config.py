@@ -29,6 +29,7 @@ class Settings:
     presign_endpoint: str | None = None  # S3 endpoint presigned URLs are signed for; None: the one used
     webhook_key_file: Path | None = None  # None: the data dir's key (SQLite) or the database's (PostgreSQL)
     health_port: int | None = None  # `kontextd worker`: serve /health on 127.0.0.1 at this port
+    metrics_port: int | None = None  # also serve /metrics on 127.0.0.1 at this port, without a key
     config_file: Path | None = None  # TOML routing each endpoint to a backend (see kontextd.routing)
     backend: str = "auto"
     model: str = DEFAULT_MODEL

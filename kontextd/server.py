@@ -13,6 +13,7 @@ import uvicorn
 from kontextd import logs
 from kontextd.api.app import create_app, create_health_app
 from kontextd.api.auth import Authenticator
+from kontextd.api.metrics_route import serve_metrics_port
 from kontextd.api.queue import RUN_PREFIX
 from kontextd.api.services import Services
 from kontextd.api.upload_signing import SECRET_NAME as UPLOAD_SIGNING_SECRET
@@ -204,6 +205,7 @@ def serve(settings: Settings) -> None:
     print(f"kontextd: serving on {settings.base_url} (API docs at {settings.base_url}/docs)", flush=True)
     runtime = Runtime(services)
     try:
+        serve_metrics_port(services)  # --metrics-port: /metrics on loopback, beside the API
         uvicorn.run(
             create_app(services, lifespan=lambda _app: runtime.running()),
             host=settings.host,
@@ -231,6 +233,7 @@ def run_worker(settings: Settings) -> None:
     runtime = Runtime(services)
     print(f"kontextd: worker {services.instance_id} started", flush=True)
     try:
+        serve_metrics_port(services)  # --metrics-port: /metrics on loopback
         if settings.health_port:
             app = create_health_app(services, lifespan=lambda _app: runtime.running())
             uvicorn.run(app, host="127.0.0.1", port=settings.health_port, log_config=None)

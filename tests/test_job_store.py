@@ -342,6 +342,25 @@ def test_each_lane_is_its_own_queue(store: JobStore) -> None:
     assert [store.queue_position(name) for name in ("bfl-1", "bfl-3", "bfl-2")] == [0, 1, 2]
 
 
+def test_queue_depths_count_each_lane_and_its_oldest_submit(store: JobStore) -> None:
+    """What /metrics shows per lane: queued jobs only (running and ended ones are not waiting)."""
+    assert store.queue_depths() == {}
+    before = time.time()
+    store.submit(new_job("local-1"))
+    store.submit(new_job("bfl-1", lane="bfl"))
+    store.submit(new_job("local-2", priority=Priority.LOW))
+    store.submit(new_job("local-3"))
+    after = time.time()
+    depths = store.queue_depths()
+    assert {lane: depth.depth for lane, depth in depths.items()} == {"local": 3, "bfl": 1}
+    assert all(before <= depth.oldest_created_at <= after for depth in depths.values())
+    assert claim(store, after) is not None  # local-1 runs: no longer queued
+    store.cancel("local-3", "alice", after)
+    assert {lane: depth.depth for lane, depth in store.queue_depths().items()} == {"local": 1, "bfl": 1}
+    oldest = store.queue_depths()["local"].oldest_created_at
+    assert oldest == get(store, "local-2").created_at
+
+
 def test_move_to_lanes_follows_a_routing_change_keeping_order(store: JobStore) -> None:
     now = time.time()
     other = "fal-ai/flux-pro/kontext"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from kontextd import metrics
 from kontextd.fetch.addresses import AllowList, IPAddress, refusal_reason
 
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -104,6 +105,8 @@ def _connect_failure(exc: BaseException) -> str:
 
 
 def _download_error(message: str, *, refused: bool = False) -> FetchError:
+    if refused:
+        metrics.fetch_refused()
     return FetchError("file_download_error", message, refused=refused)
 
 

@@ -128,6 +128,14 @@ class LogLine:
 
 
 @dataclass(frozen=True)
+class QueueDepth:
+    """One lane's queue as a scrape sees it (JobStore.queue_depths)."""
+
+    depth: int  # jobs queued
+    oldest_created_at: float  # when the longest-waiting of them was submitted
+
+
+@dataclass(frozen=True)
 class Polled:
     """What one status poll reads (JobStore.poll)."""
 

@@ -29,6 +29,7 @@ from kontextd.jobs.model import (
     LogLine,
     Outcome,
     Priority,
+    QueueDepth,
     Release,
     State,
     Usage,
@@ -271,6 +272,11 @@ class SqlJobStore(abc.ABC):
             if row is None or row["state"] != State.IN_PROGRESS or row["worker_id"] != worker_id:
                 return None
             return self._requeue_or_end(transaction, row, now, lifecycle.RELEASES[reason])
+
+    def queue_depths(self) -> dict[str, QueueDepth]:
+        with self._read() as connection:
+            found = connection.execute(self._sql.queue_depths).fetchall()
+        return {str(row["lane"]): QueueDepth(int(row["depth"]), float(row["oldest"])) for row in found}
 
     def move_to_lanes(self, lanes: Mapping[str, str]) -> int:
         """Move queued jobs whose app is now routed to another backend into that backend's lane, keeping

@@ -194,6 +194,11 @@ class Statements:
             f"SELECT {CONTROL_COLUMNS} FROM {jobs} WHERE state = 'IN_PROGRESS' AND lease_expires_at < {p}"
             f" ORDER BY started_at, {d.creation_order}{d.skip_locked}"
         )
+        # Per lane: queued jobs and the oldest's submit time (JobStore.queue_depths; one scrape's read).
+        self.queue_depths = (
+            f"SELECT lane, COUNT(*) AS depth, MIN(created_at) AS oldest FROM {jobs}"
+            " WHERE state = 'IN_QUEUE' GROUP BY lane"
+        )
         self.misrouted = (
             f"SELECT {CONTROL_COLUMNS} FROM {jobs} WHERE state = 'IN_QUEUE' AND app_id = {p} AND lane <> {p}"
             f" ORDER BY priority, ticket{d.skip_locked}"

@@ -28,6 +28,7 @@ from kontextd.jobs.model import (
     NewJob,
     Outcome,
     Polled,
+    QueueDepth,
     Release,
     State,
     Usage,
@@ -62,6 +63,10 @@ class JobStore(Protocol):
         """How many queued jobs run before this one; None when it is not queued. Never scans the queue.
         Read from the database each time, never from poll()'s cache: the API reads positions through
         poll(); this is the independent read the contract suite checks poll() and its cache against."""
+
+    def queue_depths(self) -> dict[str, QueueDepth]:
+        """Each lane with queued jobs: how many, and when the oldest was submitted (what /metrics shows).
+        Reads every queued row once: made per scrape, never per request."""
 
     async def poll(self, request_id: str, owner: str | None, with_logs: bool) -> Polled | None:
         """What a status poll reads, awaited on the event loop: the summary (None when unknown or, with

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from kontextd import metrics
 from kontextd.fetch.guard import FetchError, FetchLimits, GuardedFetcher
 from kontextd.jobs.model import DueWebhook, WebhookDelivery
 from kontextd.jobs.store import JobStore, StoreUnavailable
@@ -184,6 +185,7 @@ class WebhookDispatcher:
         await asyncio.to_thread(
             self._store.webhook_attempted, delivery.delivery_id, delivered, next_attempt, error
         )
+        metrics.webhook_attempt(delivered, next_attempt is not None)
         # Logged once stored: a kill after this line cannot lose or repeat what it reports.
         log.info(
             "webhook attempt",

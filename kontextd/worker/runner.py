@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
+from kontextd import metrics
 from kontextd.backends.base import (
     Backend,
     EncodedImage,
@@ -133,6 +134,7 @@ class Worker:
     def run(self, job: Job) -> None:
         started = time.perf_counter()
         log.info("request started", extra={"request_id": job.request_id, "app_id": job.app_id})
+        metrics.request_started(job.app_id, job.created_at, job.started_at)
         self._running(job.request_id)
         try:
             ending = self._ending(job)
@@ -152,6 +154,7 @@ class Worker:
         else:
             fields |= {"status_code": ending.status_code, "error_type": ending.error_type}
         log.info("request ended", extra=fields | {"seconds": round(time.perf_counter() - started, 3)})
+        metrics.request_ended(job.app_id, ending, state, time.perf_counter() - started)
         self._notify(job.request_id)
 
     def _ending(self, job: Job) -> Outcome | Release:
@@ -172,6 +175,7 @@ class Worker:
             log.warning("out of memory", extra={"request_id": job.request_id})
             outcome = outcomes.internal_error(str(error))
         except GenerationRefused as error:
+            metrics.generation_refused(self.lane, error.error_type)
             outcome = outcomes.refused(error.message, error.error_type, error.status_code)
         except InputUnusable as error:  # an input image or LoRA, fetched when the backend first needed it
             outcome = _unusable_input(error)
@@ -325,6 +329,7 @@ class Worker:
             "has_nsfw_concepts": generated.has_nsfw_concepts,
             "prompt": generation.prompt,
         }
+        metrics.images_made(job.app_id, len(described))
         return outcomes.succeeded(output, generated.inference_seconds, tuple(keys), generated.served_by)
 
     def _put(self, key: str, data: bytes, content_type: str, written: list[str]) -> None:
@@ -412,8 +417,10 @@ class RequestProgress:
         self._worker = worker
         self._request_id = job.request_id
         self._resumed = job.checkpoints
+        self._steps = metrics.StepTimer(worker.lane)  # steps per second, for /metrics
 
     def step(self, step: int, total: int) -> None:
+        self._steps.step()
         self.log(f"step {step}/{total}")
         if self.cancelled():
             raise GenerationCancelled

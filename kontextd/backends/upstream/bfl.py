@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from kontextd import __version__
+from kontextd import __version__, metrics
 from kontextd.backends.base import (
     EncodedImage,
     Generated,
@@ -183,9 +183,11 @@ class _RetryVoice:
         self._host = _host(url)
 
     def rate_limited(self, wait: float) -> None:
+        metrics.upstream_retry("bfl", "rate_limited")
         self._task.log(f"too many active tasks at BFL (HTTP 429); retrying in {wait:.1f} s")
 
     def retrying(self, problem: str, failures: int, wait: float) -> None:
+        metrics.upstream_retry("bfl", "error")
         what = f"{problem} from {self._host}"
         self._task.log(f"{what}; retry {failures}/{self._task.backend.timing.retries} in {wait:.1f} s")
         log.warning(

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from kontextd import metrics
 from kontextd.backends.base import (
     EncodedImage,
     Generated,
@@ -316,10 +317,12 @@ class _RetryVoice:
         self._progress = progress
 
     def rate_limited(self, wait: float) -> None:
+        metrics.upstream_retry("fal", "rate_limited")
         log.warning("fal rate limit", extra={"call": self._what, "retry_in": round(wait, 2)})
         self._progress.log(f"fal is rate limiting (HTTP 429); retrying in {wait:.1f} s")
 
     def retrying(self, problem: str, failures: int, wait: float) -> None:
+        metrics.upstream_retry("fal", "error")
         log.warning(
             "fal call failed; retrying", extra={"call": self._what, "problem": problem, "attempt": failures}
         )
