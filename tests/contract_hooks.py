@@ -5,6 +5,7 @@ never reaches beyond 127.0.0.1 (not even a DNS lookup of a generated host name);
 queue accepts is cancelled at once, so queued work never piles up ahead of the sync runs.
 """
 
+import base64
 import os
 import re
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 import schemathesis
 
+from kontextd.api.openai_images import ONE_IMAGE_MODELS
 from kontextd.catalogue.schemas import HTTP_URL_PATTERN, LORA_PATH_PATTERN
 
 IMAGE = os.environ["CONTRACT_IMAGE_URL"]  # a PNG on a loopback server the kontextd under test may fetch
@@ -22,13 +24,16 @@ LORA = os.environ["CONTRACT_LORA"]  # the name of a LoRA in the server's --lora-
 _LORA_PATH = re.compile(LORA_PATH_PATTERN)
 _HTTP_URL = re.compile(f"^{HTTP_URL_PATTERN}")
 _DATA_URI = re.compile(r"^data:[^,]{0,190};base64,")
+PNG = base64.b64decode(INLINE_IMAGE.partition(",")[2])
 
 
 @schemathesis.hook
 def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
     # Only values the schema accepts are rewritten: invalid ones are refused at submit, never fetched, and
     # must reach the server as generated for the negative checks to mean anything.
-    if isinstance(case.body, dict):
+    if case.path == "/v1/images/edits" and isinstance(case.body, dict):
+        _openai_edit(case.body)
+    elif isinstance(case.body, dict):
         for name in ("image_url", "mask_url", "reference_image_url"):
             if isinstance(url := case.body.get(name), str):
                 case.body[name] = _loopback(url)
@@ -45,6 +50,22 @@ def before_call(ctx: Any, case: Any, **kwargs: Any) -> None:
                 lora["path"] = LORA
     if case.query and isinstance(hook := case.query.get("fal_webhook"), str) and _HTTP_URL.match(hook):
         case.query["fal_webhook"] = WEBHOOK
+
+
+def _openai_edit(body: dict[str, Any]) -> None:
+    """OpenAI's edit form: generated file bytes are no image (decoding would fail), so each becomes a real
+    PNG; a model that edits one image (which the schema cannot tie to `model`) is sent its first only."""
+    image = body.get("image")
+    if _is_file(image):
+        body["image"] = PNG
+    elif isinstance(image, list):
+        images = [PNG if _is_file(each) else each for each in image]
+        body["image"] = images[:1] if body.get("model") in ONE_IMAGE_MODELS else images
+
+
+def _is_file(value: Any) -> bool:
+    """Generated file contents: bytes, or schemathesis' Binary (file samples: PNG, PDF, ZIP …)."""
+    return isinstance(value, bytes) or isinstance(getattr(value, "data", None), bytes)
 
 
 def _loopback(url: str) -> str:

@@ -13,7 +13,7 @@ from fastapi.telemetry import TelemetryConfig
 from fastapi_offline import FastAPIOffline
 
 from kontextd import __version__
-from kontextd.api import metrics_route, playground, queue, uploads, usage
+from kontextd.api import metrics_route, openai_images, playground, queue, uploads, usage
 from kontextd.api.deps import Owner, ServicesDep
 from kontextd.api.errors import MAX_BODY_BYTES, install_error_handlers
 from kontextd.api.middleware import BodyLimit, TargetUrl, TrailingSlash
@@ -151,6 +151,7 @@ def create_app(services: Services, lifespan: Lifespan | None = None) -> FastAPI:
     _add_routes(app, queue.router)
     _add_routes(app, uploads.router)  # fal's storage API: uploads are inputs, kept in our storage
     _add_routes(app, usage.router)  # GET /v1/usage: what each key used, per endpoint and day
+    _add_routes(app, openai_images.router)  # OpenAI's Images API (/v1/images/*, /v1/models), same queue
     app.add_api_route("/health", health, methods=["GET"], **HEALTH_ROUTE)
     metrics_route.install(app, services)  # GET /metrics (Prometheus), behind the API key when there are keys
     playground.install(app)  # GET / (the web playground) and its assets under /playground/
