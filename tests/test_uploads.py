@@ -427,6 +427,14 @@ def test_uploads_expire_with_their_lifetime_and_are_swept(upload_server: Kontext
                 headers={"Content-Type": "image/png", "X-Fal-Object-Lifecycle-Preference": bad},
             )
             assert_fal_error(refused, 400, ["header", "x-fal-object-lifecycle-preference"], "value_error")
+        # The other spelling is checked as well, even when the preference that wins is valid.
+        both = {"X-Fal-Object-Lifecycle-Preference": '{"expiration_duration_seconds": 60}'}
+        refused = http.post(
+            "/files/upload",
+            content=png_bytes(8, 8),
+            headers={"Content-Type": "image/png", "X-Fal-Object-Lifecycle": "not json"} | both,
+        )
+        assert_fal_error(refused, 400, ["header", "x-fal-object-lifecycle"], "value_error")
 
 
 def test_the_signed_put_answers_a_browsers_preflight(upload_server: KontextdServer) -> None:

@@ -84,6 +84,8 @@ def test_each_key_reads_its_own_usage_and_an_admin_every_keys(
         (ALICE, {"since": "2026-12-02", "until": "2026-12-01"}, 422),
         (ALICE, {"since": "2025-01-01", "until": "2026-12-01"}, 422),  # more than 366 days
         (ALICE, {"since": "yesterday"}, 422),
+        (ALICE, {"until": "0"}, 422),  # not a unix time: a day
+        (ALICE, {"since": "2026-02-30"}, 422),
         (ADMIN, {"owner": "x" * 65}, 422),
     ],
 )

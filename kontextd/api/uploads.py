@@ -133,11 +133,11 @@ def upload_ttl(services: Services, preference: str | None, lifecycle: str | None
     """How long an upload is kept: as outputs are, unless a lifecycle header says otherwise (fal-client
     sends both headers alike, the JS client X-Fal-Object-Lifecycle alone)."""
     default = services.settings.output_ttl
+    # Both are checked when both are sent: a malformed one is refused even where the other one wins.
+    alternative = _header_ttl("x-fal-object-lifecycle", lifecycle, default) if lifecycle else default
     if preference:
         return _header_ttl("x-fal-object-lifecycle-preference", preference, default)
-    if lifecycle:
-        return _header_ttl("x-fal-object-lifecycle", lifecycle, default)
-    return default
+    return alternative
 
 
 async def _body(request: Request, limit: int) -> bytes:

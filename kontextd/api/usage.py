@@ -6,7 +6,7 @@ pruned) by the job store. Keys are shown by their owner id (`key-<hash>`), never
 """
 
 import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
@@ -48,6 +48,25 @@ class UsageReport(BaseModel):
     totals: UsageTotals
 
 
+# A day as YYYY-MM-DD only: pydantic's date would also take 0 (a unix time), which the schema does not say.
+DAY: dict[str, Any] = {"pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", "json_schema_extra": {"format": "date"}}
+
+
+def _invalid(name: str, message: str, value: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{"loc": ["query", name], "msg": message, "type": "value_error", "input": value}]
+    )
+
+
+def _day(name: str, value: str | None) -> datetime.date | None:
+    if value is None:
+        return None
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise _invalid(name, "not a day: expected YYYY-MM-DD", value) from None
+
+
 def _totals(rows: list[Usage]) -> UsageTotals:
     return UsageTotals(
         requests=sum(row.requests for row in rows),
@@ -60,9 +79,9 @@ def _totals(rows: list[Usage]) -> UsageTotals:
 async def usage(
     services: ServicesDep,
     owner: Owner,
-    since: Annotated[datetime.date | None, Query(description=SINCE)] = None,
+    since: Annotated[str | None, Query(description=SINCE, **DAY)] = None,
     until: Annotated[
-        datetime.date | None, Query(description="Last day (UTC), included. Default: today.")
+        str | None, Query(description="Last day (UTC), included. Default: today.", **DAY)
     ] = None,
     of: Annotated[
         str | None,
@@ -74,25 +93,24 @@ async def usage(
         ),
     ] = None,
 ) -> UsageReport:
-    today = datetime.datetime.now(datetime.UTC).date()
-    until = until or today
-    since = since or until - datetime.timedelta(days=DEFAULT_DAYS - 1)
-    if since > until or (until - since).days >= MAX_DAYS:
+    last = _day("until", until) or datetime.datetime.now(datetime.UTC).date()
+    first = _day("since", since) or last - datetime.timedelta(days=DEFAULT_DAYS - 1)
+    if first > last or (last - first).days >= MAX_DAYS:
         message = f"must be on or before until, at most {MAX_DAYS} days before it"
-        error = {"loc": ["query", "since"], "msg": message, "type": "value_error", "input": since.isoformat()}
-        raise RequestValidationError([error])
+        raise _invalid("since", message, first.isoformat())
+    since, until = first.isoformat(), last.isoformat()
     admin = services.authenticator.is_admin(owner)
     # Another key's usage, asked for without an admin key, is none at all: it looks like a key that used
     # nothing, as another key's request looks like an unknown one.
     rows = []
     if admin or of is None or of == owner:
         whose = of if of is not None else (None if admin else owner)
-        rows = await run_in_threadpool(services.store.usage, since.isoformat(), until.isoformat(), whose)
+        rows = await run_in_threadpool(services.store.usage, since, until, whose)
     return UsageReport(
         owner=owner,
         admin=admin,
-        since=since,
-        until=until,
+        since=first,
+        until=last,
         usage=[
             UsageRow(
                 day=row.day,

@@ -165,7 +165,8 @@ class KontextPipelineBackend:
         inputs: dict[str, Any] = {
             "image": image.resize(size, Image.Resampling.LANCZOS),
             "mask_image": job.mask.load().convert("L").resize(size, Image.Resampling.LANCZOS),
-            "strength": job.strength,
+            # The pipeline runs the last strength x steps of its schedule, rounded down: at least one.
+            "strength": max(job.strength, 1 / job.num_inference_steps),
         }
         if reference:  # at its own nearest table size: its shape need not be the image's
             own = self.output_size(output_size(None, reference[0].size))

@@ -10,7 +10,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -386,20 +385,14 @@ class LoraInpaintInput(_LoraFields):
         description="The reference whose content is painted into the masked area: a URL or a data: URI."
     )
     strength: float = Field(
-        0.88, gt=0, le=1, description="How much of the masked area is made anew (above 0 to 1)."
+        0.88,
+        gt=0,
+        le=1,
+        description="How much of the masked area is made anew (above 0 to 1; at least one denoising step "
+        "is always run).",
     )
 
     _image_urls = field_validator("image_url", "mask_url", "reference_image_url")(_check_image_url)
-
-    @field_validator("strength")
-    @classmethod
-    def _makes_a_step(cls, strength: float, info: ValidationInfo) -> float:
-        # The pipeline runs the last strength x steps of the schedule, rounded as below; a strength so small
-        # that rounding leaves none (1e-300, say) would fail there, after the request was accepted.
-        steps = info.data.get("num_inference_steps")
-        if isinstance(steps, int) and steps - int(max(steps - steps * strength, 0)) < 1:
-            raise PydanticCustomError("value_error", "strength is too small to make any denoising step")
-        return strength
 
 
 class Image(BaseModel):
