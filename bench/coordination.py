@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,9 +186,16 @@ class TimedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    def claim(self, worker_id: str, lease_seconds: float, now: float, lane: str = "local") -> Job | None:
+    def claim(
+        self,
+        worker_id: str,
+        lease_seconds: float,
+        now: float,
+        lane: str = "local",
+        prefer: Collection[str] = (),
+    ) -> Job | None:
         started = self._recorder.claim_started()
-        job = self._store.claim(worker_id, lease_seconds, now, lane)
+        job = self._store.claim(worker_id, lease_seconds, now, lane, prefer)
         self._recorder.claimed(started, worker_id, job is not None)
         return job
 

@@ -156,19 +156,13 @@ def test_equal_seeds_give_equal_images(scheduled: tuple[KontextPipelineBackend, 
         assert first[0] != first[1]  # a batch draws different noise per image
 
 
-class CancelAt:
+class CancelAt(QuietProgress):
     def __init__(self, step: int) -> None:
         self._step = step
 
     def step(self, step: int, total: int) -> None:
         if step == self._step:
             raise GenerationCancelled
-
-    def log(self, message: str) -> None:
-        pass
-
-    def cancelled(self) -> bool:
-        return False
 
 
 def test_cancel_mid_run_leaves_every_level_as_it_was(
